@@ -1,0 +1,2 @@
+import torch
+from . import _C  # noqa: F401
