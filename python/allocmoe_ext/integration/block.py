@@ -1,0 +1,281 @@
+"""``AllocMoE``: the drop-in replacement of one transformers MoE block.
+
+The block adopts the replaced block's own submodules (router, experts, shared experts) under
+the same attribute names, so its ``state_dict`` keys, shapes and the parameter objects themselves
+are the ones transformers created. Its forward routes through the layer's ``TokenPolicy`` and
+computes the routed experts with ``torch.ops.allocmoe.experts``; shared experts run through the
+model's own modules. One subclass per family of transformers blocks says where the router and
+experts live, how the router computes its logits and what the block returns.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..policies import RoutingSpec, TokenPolicy, route_tokens
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model (or block) is of an architecture the drop-in does not know."""
+
+
+# Budgets such as B/L = 2.9999999999 mean 3 (the same tolerance as policies.route_tokens).
+_BUDGET_TOL = 1e-9
+
+
+def check_policy(policy: TokenPolicy, spec: RoutingSpec, layer_index: int) -> TokenPolicy:
+    """Validate ``policy`` against the layer's routing; errors name the layer and the field."""
+    if not isinstance(policy, TokenPolicy):
+        raise TypeError(f"policy for layer {layer_index} must be a TokenPolicy, got {type(policy).__name__}")
+    where = f"layer {layer_index} (top_k={spec.top_k})"
+    if policy.budget is not None:
+        b = policy.budget
+        if not math.isfinite(b) or not 0 < b <= spec.top_k + _BUDGET_TOL:
+            raise ValueError(f"policy.budget for {where} must be in (0, {spec.top_k}], got {b!r}")
+    if not 0 <= policy.k_base <= spec.top_k:
+        raise ValueError(f"policy.k_base for {where} must be in [0, {spec.top_k}], got {policy.k_base!r}")
+    if policy.kind == "alloc_t" and policy.budget is not None and policy.budget < policy.k_base - _BUDGET_TOL:
+        raise ValueError(
+            f"policy.budget for {where} must be >= k_base={policy.k_base} for alloc_t, got {policy.budget!r}")
+    if policy.kind in ("top_p", "naee_skip") and policy.threshold is None:
+        raise ValueError(f"policy.threshold for {where} must be set (calibrated) for {policy.kind}")
+    return policy
+
+
+class AllocMoE(nn.Module):
+    """A transformers MoE block routed by a per-layer ``TokenPolicy`` through ``torch.ops.allocmoe``.
+
+    Attributes: ``spec`` (the model's own routing), ``policy`` (how many experts, chosen how),
+    ``layer_index`` (the decoder layer's index in the model), and two non-persistent counters,
+    ``kept_slots`` and ``routed_tokens``, accumulated on the block's device at every forward.
+    """
+
+    # Set by each subclass: the transformers block classes it replaces (by class name, so that
+    # nothing has to import every model module) and the model_types they belong to.
+    block_class_names: tuple[str, ...] = ()
+    model_types: tuple[str, ...] = ()
+
+    def __init__(self, block: nn.Module, spec: RoutingSpec, layer_index: int, policy: TokenPolicy | None = None):
+        super().__init__()
+        self.spec = spec
+        self.layer_index = int(layer_index)
+        # Adopt the block's children, parameters and buffers under their own names: the state_dict
+        # keys stay transformers' keys and the tensors stay the very same objects.
+        for name, child in block.named_children():
+            self.add_module(name, child)
+        for name, param in block.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        for name, buf in block.named_buffers(recurse=False):
+            self.register_buffer(name, buf, persistent=name not in block._non_persistent_buffers_set)
+        # Kept outside the module tree (no duplicate state_dict keys) so that restore() can put it back.
+        object.__setattr__(self, "_original_block", block)
+        device = next(block.parameters()).device
+        self.register_buffer("kept_slots", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+        self.register_buffer("routed_tokens", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
+        self.policy = policy if policy is not None else TokenPolicy()
+
+    # ----- construction -------------------------------------------------------------------
+    @staticmethod
+    def from_block(block: nn.Module, config, layer_index: int, policy: TokenPolicy | None = None) -> "AllocMoE":
+        """Build the drop-in for ``block`` (a transformers MoE block of ``config``'s architecture)."""
+        model_type = getattr(config, "model_type", None)
+        cls = block_adapter(type(block).__name__)
+        if cls is None or model_type not in cls.model_types:
+            raise UnsupportedArchitectureError(
+                f"unsupported MoE block {type(block).__name__} of architecture {model_type!r}; "
+                f"supported architectures: {supported_architectures()}")
+        cls.check_block(block, config)
+        return cls(block, cls.routing_spec(block), layer_index, policy)
+
+    @classmethod
+    def routing_spec(cls, block: nn.Module) -> RoutingSpec:
+        raise NotImplementedError
+
+    @classmethod
+    def check_block(cls, block: nn.Module, config) -> None:
+        """Reject blocks whose experts the op cannot compute (e.g. another activation)."""
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise UnsupportedArchitectureError(
+                f"config.hidden_act={act!r} of {type(block).__name__}: the experts op implements silu only")
+
+    @property
+    def original_block(self) -> nn.Module:
+        return self._original_block
+
+    # ----- policy -------------------------------------------------------------------------
+    @property
+    def policy(self) -> TokenPolicy:
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: TokenPolicy) -> None:
+        self._policy = check_policy(policy, self.spec, self.layer_index)
+
+    # ----- per-architecture pieces ----------------------------------------------------------
+    def router_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Router logits [T, E] of hidden states [T, H], computed as the model's router does."""
+        raise NotImplementedError
+
+    @property
+    def correction_bias(self) -> torch.Tensor | None:
+        """The router's selection-score bias (DeepSeek-V3), fp32 [E], or None."""
+        return None
+
+    def _expert_operands(self) -> dict:
+        """Keyword arguments of ops.experts besides hidden/weights/ids (silu experts by default)."""
+        return dict(gate_up=self.experts.gate_up_proj, down=self.experts.down_proj)
+
+    def _shared_output(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def _outputs(self, out: torch.Tensor, weights: torch.Tensor, logits: torch.Tensor):
+        return out
+
+    # ----- forward ------------------------------------------------------------------------
+    def route(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits [T,E], weights fp32 [T,top_k], ids int32 [T,top_k]) of hidden [T, H] under the policy."""
+        logits = self.router_logits(hidden)
+        weights, ids = route_tokens(logits, self.spec, self.policy, correction_bias=self.correction_bias)
+        return logits, weights, ids
+
+    def forward(self, hidden_states: torch.Tensor):
+        shape = hidden_states.shape
+        hidden = hidden_states.reshape(-1, shape[-1])
+        logits, weights, ids = self.route(hidden)
+        # Realised activations, counted on device: no host sync per forward.
+        with torch.no_grad():
+            self.kept_slots.add_((ids >= 0).sum())
+            self.routed_tokens.add_(hidden.shape[0])
+        out = ops.experts(hidden, weights=weights, ids=ids, **self._expert_operands())
+        shared = self._shared_output(hidden)
+        if shared is not None:
+            out = out + shared
+        return self._outputs(out.reshape(shape), weights, logits)
+
+    def extra_repr(self) -> str:
+        return f"layer_index={self.layer_index}, spec={self.spec}, policy={self.policy}"
+
+
+class DeepseekAllocMoE(AllocMoE):
+    """DeepSeek-V2 (greedy / group_limited_greedy) and DeepSeek-V3 (sigmoid + correction bias)."""
+
+    block_class_names = ("DeepseekV2Moe", "DeepseekV3MoE")
+    model_types = ("deepseek_v2", "deepseek_v3")
+
+    @classmethod
+    def routing_spec(cls, block):
+        gate = block.gate
+        if hasattr(gate, "e_score_correction_bias"):  # DeepSeek-V3: noaux_tc
+            scoring, norm = "sigmoid_group", bool(gate.norm_topk_prob)
+        elif gate.topk_method == "greedy":
+            scoring, norm = "softmax", False
+        elif gate.topk_method == "group_limited_greedy":
+            scoring, norm = "softmax_group", False
+        else:
+            raise UnsupportedArchitectureError(f"DeepSeek-V2 topk_method={gate.topk_method!r} is not supported")
+        grouped = scoring != "softmax"
+        return RoutingSpec(
+            num_experts=gate.num_experts, top_k=gate.top_k, scoring=scoring,
+            n_group=int(gate.num_group) if grouped else 1, topk_group=int(gate.topk_group) if grouped else 1,
+            norm_topk_prob=norm, routed_scaling_factor=float(gate.routed_scaling_factor))
+
+    def router_logits(self, hidden):
+        # As the model's router: logits in fp32 whatever the model dtype.
+        return F.linear(hidden.float(), self.gate.weight.float())
+
+    @property
+    def correction_bias(self):
+        bias = getattr(self.gate, "e_score_correction_bias", None)
+        # The op takes it in fp32 (transformers keeps it fp32 at load; a later .to(dtype) may not).
+        return None if bias is None else bias.float()
+
+    def _shared_output(self, hidden):
+        return self.shared_experts(hidden)
+
+
+class SoftmaxTopkAllocMoE(AllocMoE):
+    """Qwen2-MoE (gated shared expert), Qwen3-MoE, OLMoE and Mixtral: softmax top-k routers."""
+
+    block_class_names = ("Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock", "OlmoeSparseMoeBlock",
+                         "MixtralSparseMoeBlock")
+    model_types = ("qwen2_moe", "qwen3_moe", "olmoe", "mixtral")
+
+    @classmethod
+    def routing_spec(cls, block):
+        gate = block.gate
+        # Mixtral's router always renormalises over the kept experts; the others follow the config.
+        norm = bool(getattr(gate, "norm_topk_prob", type(block).__name__ == "MixtralSparseMoeBlock"))
+        return RoutingSpec(num_experts=gate.num_experts, top_k=gate.top_k, scoring="softmax", norm_topk_prob=norm)
+
+    def router_logits(self, hidden):
+        return F.linear(hidden, self.gate.weight)
+
+    def forward(self, hidden_states):
+        # Mixtral's training-time router jitter, as the original block applies it.
+        jitter = getattr(self._original_block, "jitter_noise", 0.0)
+        if self.training and jitter > 0:
+            hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(1.0 - jitter, 1.0 + jitter)
+        return super().forward(hidden_states)
+
+    def _shared_output(self, hidden):
+        if not hasattr(self, "shared_expert"):
+            return None
+        # Qwen2-MoE: the shared expert scaled by its own sigmoid gate.
+        return torch.sigmoid(self.shared_expert_gate(hidden)) * self.shared_expert(hidden)
+
+
+class GptOssAllocMoE(AllocMoE):
+    """GPT-OSS: router with bias, top-k of logits then softmax, interleaved clamped-SwiGLU experts."""
+
+    block_class_names = ("GptOssMLP",)
+    model_types = ("gpt_oss",)
+
+    @classmethod
+    def routing_spec(cls, block):
+        router = block.router
+        return RoutingSpec(num_experts=router.num_experts, top_k=router.top_k, scoring="topk_softmax",
+                           norm_topk_prob=True)
+
+    @classmethod
+    def check_block(cls, block, config):
+        pass  # the experts' activation is the clamped SwiGLU, read from the experts module
+
+    def router_logits(self, hidden):
+        return F.linear(hidden, self.router.weight, self.router.bias)
+
+    def _expert_operands(self):
+        e = self.experts
+        # GPT-OSS stores [E, H, 2I] / [E, I, H]; the op takes [E, 2I, H] / [E, H, I] views.
+        return dict(gate_up=e.gate_up_proj.transpose(1, 2), down=e.down_proj.transpose(1, 2),
+                    gate_up_bias=e.gate_up_proj_bias, down_bias=e.down_proj_bias, activation="swiglu_oai",
+                    swiglu_alpha=float(e.alpha), swiglu_limit=float(e.limit))
+
+    def _outputs(self, out, weights, logits):
+        # The original block returns (hidden, router_scores [T, top_k] in the logits' dtype).
+        return out, weights.to(logits.dtype)
+
+
+_ADAPTERS: tuple[type[AllocMoE], ...] = (DeepseekAllocMoE, SoftmaxTopkAllocMoE, GptOssAllocMoE)
+
+
+def block_adapter(block_class_name: str) -> type[AllocMoE] | None:
+    for cls in _ADAPTERS:
+        if block_class_name in cls.block_class_names:
+            return cls
+    return None
+
+
+def adapter_for_model_type(model_type: str | None) -> type[AllocMoE] | None:
+    for cls in _ADAPTERS:
+        if model_type in cls.model_types:
+            return cls
+    return None
+
+
+def supported_architectures() -> tuple[str, ...]:
+    return tuple(t for cls in _ADAPTERS for t in cls.model_types)
