@@ -196,3 +196,27 @@ def test_route_tokens_bad_input():
 def test_policy_dict_round_trip():
     p = TokenPolicy("naee_skip", 2.5, k_base=1, threshold=0.25)
     assert TokenPolicy.from_dict(p.to_dict()) == p
+
+
+@pytest.mark.parametrize("arch,kind", [("deepseek_v2", "top_p"), ("deepseek_v3", "naee_skip"),
+                                       ("qwen2_moe", "top_p")])
+def test_calibrate_model_hits_each_layers_budget_on_the_calibration_tokens(arch, kind):
+    from allocmoe_ext import integration
+    from allocmoe_ext.integration.tiny import tiny_model
+    from allocmoe_ext.policies import calibrate_model
+
+    model = integration.apply(tiny_model(arch, num_hidden_layers=4))
+    info = integration.model_info(model)
+    L, K = info["num_moe_layers"], info["top_k"]
+    budgets = [1 + (K - 1) * (i + 1) / (L + 1) for i in range(L)]  # a different target per layer
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 96, (4, 32), generator=g) for _ in range(2)]
+    policies = calibrate_model(model, batches, kind, budgets)
+    assert [p.kind for p in policies] == [kind] * L
+    integration.reset_stats(model)
+    with torch.no_grad():
+        for ids in batches:
+            model(input_ids=ids, use_cache=False)
+    realised = integration.activation_stats(model)
+    for r, b in zip(realised, budgets):
+        assert abs(r - b) <= 0.01 * b
