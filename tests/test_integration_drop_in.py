@@ -128,3 +128,21 @@ def test_block_forward_matches_the_original_block(arch):
         else:
             assert isinstance(got, torch.Tensor) and got.shape == hidden.shape
             torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_save_pretrained_of_patched_model_loads_into_transformers(tmp_path):
+    """A patched model saves the checkpoint transformers expects (DeepSeek-V3: with the fp32
+    correction-bias buffer), and that checkpoint loads unchanged into the unpatched class."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_model("deepseek_v3")
+    ids = _input_ids()
+    expected = model(ids).logits
+    apply(model)
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert not any(isinstance(m, AllocMoE) for m in loaded.modules())
+    torch.testing.assert_close(loaded(ids).logits, expected, atol=ATOL, rtol=0)
+    # and the loaded model patches to the same result
+    torch.testing.assert_close(apply(loaded)(ids).logits, expected, atol=ATOL, rtol=0)

@@ -98,7 +98,9 @@ def restore(model: nn.Module) -> nn.Module:
     """Put the original transformers blocks back (they share every parameter with the AllocMoE)."""
     for parent, attr, block, _ in _moe_sites(model):
         if isinstance(block, AllocMoE):
-            setattr(parent, attr, block.original_block)
+            original = block.original_block
+            original.training = block.training  # its children already follow train()/eval()
+            setattr(parent, attr, original)
     return model
 
 
