@@ -1,0 +1,321 @@
+// CUDA implementation of torch.ops.allocmoe.experts (contract: docs/OPS.md).
+//
+// Three paths, chosen on the host from shapes only (never from the routing data, so no sync):
+//   - decode (experts_decode.cuh): T <= kDecodeMaxTokens on the standard case (bf16/fp16, silu,
+//     no biases, contiguous weights, H and I multiples of 32); streams each used expert's
+//     weights once over the whole GPU; memory-bound, aims at the bandwidth floor.
+//   - prefill (experts_prefill.cuh): larger T on the standard case; device-side alignment and
+//     two grouped tensor-core GEMMs.
+//   - generic (below): everything else (fp32, swiglu_oai, biases, any strides); one thread per
+//     output element, simple and correct, not fast.
+// The environment variable ALLOCMOE_EXPERTS_PATH=decode|prefill|generic forces a path (read on
+// every call; tests use it to run every path at every T). A forced fast path on a non-standard
+// case falls back to generic; a forced decode past its slot limit falls back to prefill.
+// All paths are deterministic run to run (fixed summation orders, no floating-point atomics).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <string_view>
+
+#include "common/arg_checks.h"
+#include "experts_decode.cuh"
+#include "experts_prefill.cuh"
+#include "validation.h"
+
+namespace allocmoe {
+namespace cuda_experts {
+namespace {
+
+// Largest T that takes the decode path in auto mode (the benchmark's T=256 is memory-bound too),
+// and the largest T*K it can take at all (its slot list lives in shared memory).
+constexpr int64_t kDecodeMaxTokens = 256;
+constexpr int64_t kDecodeMaxSlots = 4096;
+
+// ---------------------------------------------------------------------------------------------
+// generic path
+// ---------------------------------------------------------------------------------------------
+
+template <typename scalar_t>
+struct GenericParams {
+  const scalar_t* x;  // hidden [T, H], contiguous
+  const scalar_t* gate_up;
+  int64_t gu_s0, gu_s1, gu_s2;
+  const scalar_t* down;
+  int64_t dn_s0, dn_s1, dn_s2;
+  const scalar_t* gate_up_bias;  // nullable
+  int64_t gub_s0, gub_s1;
+  const scalar_t* down_bias;  // nullable
+  int64_t db_s0, db_s1;
+  const float* weights;  // [T, K] contiguous
+  const int* ids;        // [T, K] contiguous
+  scalar_t* act;         // [T*K, I] scratch
+  scalar_t* out;         // [T, H]
+  int64_t T, K, E, H, I;
+  bool swiglu_oai;
+  float alpha, limit;
+};
+
+// act[slot, j] for one (slot, j) per thread; grid (T*K, ceil(I / 128)).
+template <typename scalar_t>
+__global__ void __launch_bounds__(128) generic_act_kernel(GenericParams<scalar_t> p) {
+  const int64_t slot = blockIdx.x;
+  const int64_t j = (int64_t)blockIdx.y * blockDim.x + threadIdx.x;
+  const int e = p.ids[slot];
+  if (e < 0 || e >= p.E || j >= p.I) return;
+  const int64_t t = slot / p.K;
+  const int64_t rg = p.swiglu_oai ? 2 * j : j;          // gate row
+  const int64_t ru = p.swiglu_oai ? 2 * j + 1 : p.I + j;  // up row
+  const scalar_t* wg = p.gate_up + e * p.gu_s0 + rg * p.gu_s1;
+  const scalar_t* wu = p.gate_up + e * p.gu_s0 + ru * p.gu_s1;
+  const scalar_t* x = p.x + t * p.H;
+  float gate = 0.f, up = 0.f;
+  for (int64_t h = 0; h < p.H; ++h) {
+    const float xv = static_cast<float>(x[h]);
+    gate += static_cast<float>(wg[h * p.gu_s2]) * xv;
+    up += static_cast<float>(wu[h * p.gu_s2]) * xv;
+  }
+  if (p.gate_up_bias != nullptr) {
+    gate += static_cast<float>(p.gate_up_bias[e * p.gub_s0 + rg * p.gub_s1]);
+    up += static_cast<float>(p.gate_up_bias[e * p.gub_s0 + ru * p.gub_s1]);
+  }
+  float a;
+  if (p.swiglu_oai) {
+    gate = fminf(gate, p.limit);
+    up = fminf(fmaxf(up, -p.limit), p.limit);
+    a = (up + 1.f) * gate / (1.f + expf(-p.alpha * gate));
+  } else {
+    a = gate / (1.f + expf(-gate)) * up;
+  }
+  p.act[slot * p.I + j] = static_cast<scalar_t>(a);  // rounded to the input dtype, as the contract says
+}
+
+// out[t, h] for one (t, h) per thread, slots summed in order; grid (T, ceil(H / 128)).
+template <typename scalar_t>
+__global__ void __launch_bounds__(128) generic_down_kernel(GenericParams<scalar_t> p) {
+  const int64_t t = blockIdx.x;
+  const int64_t h = (int64_t)blockIdx.y * blockDim.x + threadIdx.x;
+  if (h >= p.H) return;
+  float acc = 0.f;
+  for (int64_t k = 0; k < p.K; ++k) {
+    const int64_t slot = t * p.K + k;
+    const int e = p.ids[slot];
+    if (e < 0 || e >= p.E) continue;
+    const scalar_t* w = p.down + e * p.dn_s0 + h * p.dn_s1;
+    const scalar_t* a = p.act + slot * p.I;
+    float s = 0.f;
+    for (int64_t j = 0; j < p.I; ++j) s += static_cast<float>(w[j * p.dn_s2]) * static_cast<float>(a[j]);
+    if (p.down_bias != nullptr) s += static_cast<float>(p.down_bias[e * p.db_s0 + h * p.db_s1]);
+    acc += p.weights[slot] * s;
+  }
+  p.out[t * p.H + h] = static_cast<scalar_t>(acc);
+}
+
+void run_generic(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, const at::Tensor& weights,
+                 const at::Tensor& ids, const std::optional<at::Tensor>& gate_up_bias,
+                 const std::optional<at::Tensor>& down_bias, bool swiglu_oai, double alpha, double limit,
+                 at::Tensor& out, cudaStream_t stream) {
+  const int64_t T = x.size(0), H = x.size(1), E = gate_up.size(0), I = gate_up.size(1) / 2, K = ids.size(1);
+  at::Tensor act = at::empty({T * K, I}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "allocmoe_experts_generic", [&] {
+    GenericParams<scalar_t> p{};
+    p.x = x.data_ptr<scalar_t>();
+    p.gate_up = gate_up.data_ptr<scalar_t>();
+    p.gu_s0 = gate_up.stride(0), p.gu_s1 = gate_up.stride(1), p.gu_s2 = gate_up.stride(2);
+    p.down = down.data_ptr<scalar_t>();
+    p.dn_s0 = down.stride(0), p.dn_s1 = down.stride(1), p.dn_s2 = down.stride(2);
+    if (gate_up_bias.has_value()) {
+      p.gate_up_bias = gate_up_bias->data_ptr<scalar_t>();
+      p.gub_s0 = gate_up_bias->stride(0), p.gub_s1 = gate_up_bias->stride(1);
+    }
+    if (down_bias.has_value()) {
+      p.down_bias = down_bias->data_ptr<scalar_t>();
+      p.db_s0 = down_bias->stride(0), p.db_s1 = down_bias->stride(1);
+    }
+    p.weights = weights.data_ptr<float>();
+    p.ids = ids.data_ptr<int>();
+    p.act = act.data_ptr<scalar_t>();
+    p.out = out.data_ptr<scalar_t>();
+    p.T = T, p.K = K, p.E = E, p.H = H, p.I = I;
+    p.swiglu_oai = swiglu_oai;
+    p.alpha = static_cast<float>(alpha), p.limit = static_cast<float>(limit);
+    generic_act_kernel<scalar_t><<<dim3(T * K, (I + 127) / 128), 128, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    generic_down_kernel<scalar_t><<<dim3(T, (H + 127) / 128), 128, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// fast paths
+// ---------------------------------------------------------------------------------------------
+
+// Carves 256-byte aligned pieces out of one scratch allocation (one allocator call per op).
+struct Scratch {
+  int64_t bytes = 0;
+  int64_t take(int64_t n) {
+    const int64_t at = bytes;
+    bytes += (n + 255) / 256 * 256;
+    return at;
+  }
+};
+
+void set_smem_limit(const void* kernel, int bytes) {
+  if (bytes > 48 * 1024) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+}
+
+template <typename T, int NT>
+void launch_decode(const DecodeParams& p, cudaStream_t stream) {
+  const int TK = p.T * p.K, used_max = std::min(p.E, TK);
+  const DecodeSmem gate_up_smem(p.E, TK, NT, kGateUpRedStride), down_smem(p.E, TK, NT, kDownRedStride);
+  set_smem_limit(reinterpret_cast<const void*>(&decode_gate_up_kernel<T, NT>), gate_up_smem.total_bytes);
+  set_smem_limit(reinterpret_cast<const void*>(&decode_down_kernel<T, NT>), down_smem.total_bytes);
+  decode_gate_up_kernel<T, NT>
+      <<<dim3(p.I / kDecodeRows, used_max), kDecodeThreads, gate_up_smem.total_bytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  decode_down_kernel<T, NT><<<dim3(p.H / kDecodeRows, used_max), kDecodeThreads, down_smem.total_bytes, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename Elem>
+void run_decode(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, const at::Tensor& weights,
+                const at::Tensor& ids, at::Tensor& out, cudaStream_t stream) {
+  const int T = x.size(0), H = x.size(1), E = gate_up.size(0), I = gate_up.size(1) / 2, K = ids.size(1);
+  Scratch s;
+  const int64_t act_at = s.take((int64_t)T * K * I * x.element_size());
+  const int64_t y_at = s.take((int64_t)T * K * H * 4);
+  const int64_t cnt_at = s.take((int64_t)(H / kDecodeRows) * 4);
+  at::Tensor scratch = at::empty({s.bytes}, x.options().dtype(at::kByte));
+  char* base = static_cast<char*>(scratch.data_ptr());
+  DecodeParams p{x.data_ptr(), gate_up.data_ptr(), down.data_ptr(), weights.data_ptr<float>(), ids.data_ptr<int>(),
+                 base + act_at, reinterpret_cast<float*>(base + y_at), out.data_ptr(),
+                 reinterpret_cast<int*>(base + cnt_at), T, K, E, H, I};
+  // n tiles of 8 pairs per pass: a used expert gets at most T pairs when a row holds each
+  // expert once (route's output); more pairs (repeated ids) take extra passes.
+  if (T <= 8) launch_decode<Elem, 1>(p, stream);
+  else if (T <= 16) launch_decode<Elem, 2>(p, stream);
+  else if (T <= 32) launch_decode<Elem, 4>(p, stream);
+  else launch_decode<Elem, 8>(p, stream);
+}
+
+template <typename Elem>
+void run_prefill(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, const at::Tensor& weights,
+                 const at::Tensor& ids, at::Tensor& out, cudaStream_t stream) {
+  const int T = x.size(0), H = x.size(1), E = gate_up.size(0), I = gate_up.size(1) / 2, K = ids.size(1);
+  const int64_t TK = (int64_t)T * K;
+  const int max_tiles = prefill_max_tiles(TK, E);
+  Scratch s;
+  const int64_t sorted_at = s.take(TK * 4), offset_at = s.take((int64_t)(E + 1) * 4);
+  const int64_t texp_at = s.take((int64_t)max_tiles * 4), trow_at = s.take((int64_t)max_tiles * 4);
+  const int64_t ntiles_at = s.take(4);
+  const int64_t act_at = s.take(TK * I * x.element_size()), y_at = s.take(TK * H * 4);
+  at::Tensor scratch = at::empty({s.bytes}, x.options().dtype(at::kByte));
+  char* base = static_cast<char*>(scratch.data_ptr());
+  PrefillParams p{x.data_ptr(),
+                  gate_up.data_ptr(),
+                  down.data_ptr(),
+                  weights.data_ptr<float>(),
+                  ids.data_ptr<int>(),
+                  reinterpret_cast<int*>(base + sorted_at),
+                  reinterpret_cast<int*>(base + offset_at),
+                  reinterpret_cast<int*>(base + texp_at),
+                  reinterpret_cast<int*>(base + trow_at),
+                  reinterpret_cast<int*>(base + ntiles_at),
+                  base + act_at,
+                  reinterpret_cast<float*>(base + y_at),
+                  out.data_ptr(),
+                  T,
+                  K,
+                  E,
+                  H,
+                  I};
+  prefill_align_kernel<<<1, kAlignThreads, 3 * E * sizeof(int), stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  prefill_gate_up_kernel<Elem><<<dim3((I + kBN / 2 - 1) / (kBN / 2), max_tiles), kGemmThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  prefill_down_kernel<Elem><<<dim3((H + kBN - 1) / kBN, max_tiles), kGemmThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  prefill_combine_kernel<Elem><<<T, 256, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+enum class Path { kAuto, kDecode, kPrefill, kGeneric };
+
+Path forced_path() {
+  const char* v = std::getenv("ALLOCMOE_EXPERTS_PATH");
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) return Path::kAuto;
+  if (std::strcmp(v, "decode") == 0) return Path::kDecode;
+  if (std::strcmp(v, "prefill") == 0) return Path::kPrefill;
+  if (std::strcmp(v, "generic") == 0) return Path::kGeneric;
+  TORCH_CHECK(false, "allocmoe.experts: ALLOCMOE_EXPERTS_PATH must be auto, decode, prefill or generic, got '", v,
+              "'");
+}
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// The tensor-core paths' preconditions: everything else goes to the generic path.
+bool fast_path_ok(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, bool has_bias,
+                  Activation activation) {
+  const int64_t T = x.size(0), H = x.size(1), E = gate_up.size(0), I = gate_up.size(1) / 2;
+  return (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) && activation == Activation::kSilu &&
+         !has_bias && gate_up.is_contiguous() && down.is_contiguous() && H % 32 == 0 && I % 32 == 0 &&
+         aligned16(x) && aligned16(gate_up) && aligned16(down) && E <= 4096 &&
+         // int indexing inside the kernels and grid limits
+         T * std::max<int64_t>(H, I) * 8 < (int64_t(1) << 31) && E * 2 * I * H < (int64_t(1) << 62);
+}
+
+}  // namespace
+}  // namespace cuda_experts
+
+at::Tensor experts_cuda(const at::Tensor& hidden, const at::Tensor& gate_up, const at::Tensor& down,
+                        const at::Tensor& weights, const at::Tensor& ids, const std::optional<at::Tensor>& gate_up_bias,
+                        const std::optional<at::Tensor>& down_bias, c10::string_view activation_name,
+                        double swiglu_alpha, double swiglu_limit) {
+  using namespace cuda_experts;
+  const Activation activation =
+      check_experts_args(hidden, gate_up, down, weights, ids, gate_up_bias, down_bias, activation_name);
+  TORCH_CHECK(hidden.is_cuda(), "allocmoe.experts (CUDA): hidden must be a CUDA tensor, got ", hidden.device());
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  const int64_t T = hidden.size(0), H = hidden.size(1), E = gate_up.size(0), K = ids.size(1);
+  at::Tensor out = at::empty({T, H}, hidden.options());
+  if (T == 0 || H == 0) return out;
+  if (K == 0) return out.zero_();
+  TORCH_CHECK(T * K < (int64_t(1) << 31), "allocmoe.experts (CUDA): T*K must be < 2^31, got T=", T, ", K=", K);
+  if (validation_enabled()) {  // costs a device-to-host sync; off by default on CUDA
+    const bool bad = ids.lt(-1).logical_or(ids.ge(E)).any().item<bool>();
+    TORCH_CHECK(!bad, "allocmoe.experts: ids must be in [-1, E=", E, ")");
+  }
+  const at::Tensor x = hidden.contiguous(), w = weights.contiguous(), id = ids.contiguous();
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  const Path forced = forced_path();
+  const bool fast = fast_path_ok(x, gate_up, down, gate_up_bias.has_value() || down_bias.has_value(), activation);
+  Path path = Path::kGeneric;
+  if (fast && forced != Path::kGeneric) {
+    const bool decode_fits = T * K <= kDecodeMaxSlots;
+    if (forced == Path::kDecode) path = decode_fits ? Path::kDecode : Path::kPrefill;
+    else if (forced == Path::kPrefill) path = Path::kPrefill;
+    else path = (T <= kDecodeMaxTokens && decode_fits) ? Path::kDecode : Path::kPrefill;
+  }
+  if (path == Path::kGeneric) {
+    run_generic(x, gate_up, down, w, id, gate_up_bias, down_bias, activation == Activation::kSwigluOai, swiglu_alpha,
+                swiglu_limit, out, stream);
+  } else if (x.scalar_type() == at::kBFloat16) {
+    if (path == Path::kDecode) run_decode<__nv_bfloat16>(x, gate_up, down, w, id, out, stream);
+    else run_prefill<__nv_bfloat16>(x, gate_up, down, w, id, out, stream);
+  } else {
+    if (path == Path::kDecode) run_decode<__half>(x, gate_up, down, w, id, out, stream);
+    else run_prefill<__half>(x, gate_up, down, w, id, out, stream);
+  }
+  return out;
+}
+
+}  // namespace allocmoe
+
+TORCH_LIBRARY_IMPL(allocmoe, CUDA, m) { m.impl("experts", &allocmoe::experts_cuda); }

@@ -1,0 +1,243 @@
+"""CUDA `experts` op against the CPU op (docs/OPS.md), on fresh random inputs.
+
+Every path of the CUDA op is run at every shape by forcing it through ALLOCMOE_EXPERTS_PATH
+(decode / prefill / generic; see csrc/cuda/experts.cu), so a shape threshold never hides a path.
+Outputs come from the caching allocator, which is flooded with NaN before each run, so an element
+the kernel forgets to write shows up as NaN. Skipped without a GPU or a CUDA build.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import allocmoe_ext
+from allocmoe_ext import ops
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(
+        not (torch.cuda.is_available() and getattr(allocmoe_ext._C, "with_cuda", False)),
+        reason="needs a CUDA GPU and the CUDA build of allocmoe_ext",
+    ),
+]
+
+PATHS = ("auto", "decode", "prefill", "generic")
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double().cpu(), ref.double().cpu()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def make_inputs(T, E, K, H, I, dtype, *, seed, skew=False, drop=0.3, gen_layout=False, bias=False):
+    """Random layer and routing. Rows hold K distinct experts (as route returns) with a random
+    number of trailing -1 slots plus a few -1 holes, so per-token counts vary. skew: every token
+    routed to the same experts 0..K-1. gen_layout: GPT-OSS-style transposed views of the weights."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g)
+    if gen_layout:  # parameters stored [E, H, 2I] / [E, I, H]; the op gets transposed views
+        gu = (torch.randn(E, H, 2 * I, generator=g) / H**0.5).to(dtype).transpose(1, 2)
+        dn = (torch.randn(E, I, H, generator=g) / I**0.5).to(dtype).transpose(1, 2)
+    else:
+        gu = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(dtype)
+        dn = (torch.randn(E, H, I, generator=g) / I**0.5).to(dtype)
+    if skew:
+        ids = torch.arange(K, dtype=torch.int32).repeat(T, 1)
+    else:
+        ids = torch.rand(T, E, generator=g).argsort(dim=1)[:, :K].to(torch.int32)
+    w = torch.rand(T, K, generator=g)
+    if drop > 0 and T > 0:
+        n_keep = torch.randint(max(1, K // 2), K + 1, (T,), generator=g)
+        n_keep[torch.arange(T) % 13 == 5] = 0  # a few tokens with no expert at all
+        ids[torch.arange(K)[None, :] >= n_keep[:, None]] = -1
+        ids[torch.rand(T, K, generator=g) < drop / 4] = -1  # and a few holes
+    gub = (torch.randn(E, 2 * I, generator=g) * 0.1).to(dtype) if bias else None
+    db = (torch.randn(E, H, generator=g) * 0.1).to(dtype) if bias else None
+    return x.to(dtype), gu, dn, w, ids, gub, db
+
+
+def to_cuda(t):
+    if t is None:
+        return None
+    if t.dim() == 3 and not t.is_contiguous():  # keep the transposed-view layout on the GPU
+        return t.transpose(1, 2).contiguous().cuda().transpose(1, 2)
+    return t.cuda()
+
+
+def poison_allocator(numel: int) -> None:
+    """Leave NaN in the cached blocks the op's output and scratch will be carved from."""
+    for n in (numel, 4 * numel + 4096, 1 << 22):
+        torch.full((n,), float("nan"), device="cuda").view(-1)
+    torch.cuda.synchronize()
+
+
+def run_cuda(inputs, activation="silu", path="auto", monkeypatch=None):
+    x, gu, dn, w, ids, gub, db = (to_cuda(t) for t in inputs)
+    if monkeypatch is not None:
+        monkeypatch.setenv("ALLOCMOE_EXPERTS_PATH", path)
+    poison_allocator(x.shape[0] * max(x.shape[1], 1))
+    out = ops.experts(x, gu, dn, w, ids, gub, db, activation=activation)
+    torch.cuda.synchronize()
+    return out
+
+
+def run_cpu(inputs, activation="silu"):
+    return ops.experts(*inputs[:5], inputs[5], inputs[6], activation=activation)
+
+
+def check(inputs, dtype, path, monkeypatch, activation="silu"):
+    ref = run_cpu(inputs, activation)
+    out = run_cuda(inputs, activation, path, monkeypatch)
+    assert out.shape == ref.shape and out.dtype == ref.dtype and out.is_cuda
+    if out.numel() == 0:
+        return
+    assert torch.isfinite(out).all(), f"unwritten (NaN) or non-finite output on path {path}"
+    err = rel_err(out, ref)
+    assert err < TOL[dtype], f"path={path} rel err {err:.3g} >= {TOL[dtype]}"
+
+
+# (T, E, K): every T of the issue, every E, K from 1 to 8.
+SHAPES = [
+    (0, 8, 2),
+    (1, 8, 1),
+    (1, 64, 6),
+    (2, 60, 4),
+    (3, 128, 8),
+    (7, 8, 3),
+    (16, 64, 6),
+    (64, 60, 5),
+    (64, 128, 7),
+    (1000, 64, 6),
+    (4096, 8, 2),
+]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("T,E,K", SHAPES)
+def test_bf16_matches_cpu(T, E, K, path, monkeypatch):
+    inputs = make_inputs(T, E, K, 64, 96, torch.bfloat16, seed=T * 1000 + E * 10 + K)
+    check(inputs, torch.bfloat16, path, monkeypatch)
+
+
+@pytest.mark.parametrize("path", ("decode", "prefill"))
+@pytest.mark.parametrize("T,E,K", [(5, 64, 6), (300, 60, 4)])
+def test_fp16_matches_cpu(T, E, K, path, monkeypatch):
+    inputs = make_inputs(T, E, K, 128, 64, torch.float16, seed=T + E + K)
+    check(inputs, torch.float16, path, monkeypatch)
+
+
+@pytest.mark.parametrize("T,E,K", [(1, 8, 2), (7, 60, 4), (64, 64, 6), (1000, 128, 8)])
+def test_fp32_matches_cpu(T, E, K, monkeypatch):
+    inputs = make_inputs(T, E, K, 64, 96, torch.float32, seed=T * 7 + E + K)
+    check(inputs, torch.float32, "auto", monkeypatch)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("T", [1, 9, 64, 300, 4096])
+def test_skewed_routing(T, path, monkeypatch):
+    """All tokens on the same experts: one expert gets T pairs (decode takes several passes)."""
+    inputs = make_inputs(T, 64, 2, 64, 64, torch.bfloat16, seed=T, skew=True, drop=0.0)
+    check(inputs, torch.bfloat16, path, monkeypatch)
+
+
+@pytest.mark.parametrize("path", ("decode", "prefill"))
+def test_repeated_and_out_of_range_ids(path, monkeypatch):
+    """A row may name one expert twice (each slot counts); with validation off, ids >= E or < -1
+    are skipped like -1 (never read out of bounds)."""
+    x, gu, dn, w, ids, _, _ = make_inputs(12, 16, 4, 64, 64, torch.bfloat16, seed=5, drop=0.0)
+    ids[:, 1] = ids[:, 0]
+    bad = ids.clone()
+    bad[:, 3] = torch.where(torch.arange(12) % 2 == 0, 16, -7).to(torch.int32)
+    ok = ids.clone()
+    ok[:, 3] = -1
+    ref = run_cpu((x, gu, dn, w, ok, None, None))
+    out = run_cuda((x, gu, dn, w, bad, None, None), path=path, monkeypatch=monkeypatch)
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("T", [1, 5, 300])
+def test_gpt_oss_swiglu_bias_transposed(T, dtype, monkeypatch):
+    """GPT-OSS: swiglu_oai (interleaved gate/up, clamped), biases, transposed weight views."""
+    inputs = make_inputs(T, 8, 4, 64, 48, dtype, seed=T, gen_layout=True, bias=True)
+    check(inputs, dtype, "auto", monkeypatch, activation="swiglu_oai")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_odd_sizes_take_generic_path(dtype, monkeypatch):
+    """H and I not multiples of 32: the fast paths must hand over to the generic kernel."""
+    inputs = make_inputs(9, 8, 3, 40, 24, dtype, seed=3)
+    for path in ("decode", "prefill"):
+        check(inputs, dtype, path, monkeypatch)
+
+
+def test_all_slots_dropped_gives_zeros(monkeypatch):
+    x, gu, dn, w, ids, _, _ = make_inputs(5, 8, 3, 64, 64, torch.bfloat16, seed=1)
+    ids[:] = -1
+    for path in PATHS:
+        out = run_cuda((x, gu, dn, w, ids, None, None), path=path, monkeypatch=monkeypatch)
+        assert torch.equal(out.cpu(), torch.zeros(5, 64, dtype=torch.bfloat16)), path
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_run_to_run_deterministic(path, monkeypatch):
+    inputs = make_inputs(200, 64, 6, 128, 96, torch.bfloat16, seed=11)
+    a = run_cuda(inputs, path=path, monkeypatch=monkeypatch)
+    b = run_cuda(inputs, path=path, monkeypatch=monkeypatch)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("path", ("decode", "prefill"))
+def test_cuda_graph_capture_and_replay(path, monkeypatch):
+    """Captured once, replayed on new routing and activations written into the same buffers."""
+    monkeypatch.setenv("ALLOCMOE_EXPERTS_PATH", path)
+    T, E, K = 24, 64, 6
+    first = [to_cuda(t) for t in make_inputs(T, E, K, 64, 96, torch.bfloat16, seed=1)[:5]]
+    x, gu, dn, w, ids = first
+    ops.experts(x, gu, dn, w, ids)  # warm-up outside capture (kernel attributes, allocator)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.experts(x, gu, dn, w, ids)
+    for seed in (2, 3):
+        nx, _, _, nw, nids, _, _ = make_inputs(T, E, K, 64, 96, torch.bfloat16, seed=seed)
+        x.copy_(nx.cuda())
+        w.copy_(nw.cuda())
+        ids.copy_(nids.cuda())
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = run_cpu((nx, gu.cpu(), dn.cpu(), nw, nids, None, None))
+        assert torch.isfinite(out).all()
+        assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("T", [3, 300])
+def test_opcheck(T):
+    x, gu, dn, w, ids, _, _ = (to_cuda(t) for t in make_inputs(T, 8, 2, 64, 32, torch.bfloat16, seed=T))
+    torch.library.opcheck(torch.ops.allocmoe.experts.default, (x, gu, dn, w, ids))
+
+
+def test_errors_name_the_argument():
+    x, gu, dn, w, ids, _, _ = (to_cuda(t) for t in make_inputs(4, 8, 2, 64, 32, torch.bfloat16, seed=0))
+    with pytest.raises(RuntimeError, match="down"):
+        torch.ops.allocmoe.experts(x, gu, dn.float(), w, ids)
+    with pytest.raises(RuntimeError, match="weights"):
+        torch.ops.allocmoe.experts(x, gu, dn, w.half(), ids)
+    with pytest.raises(RuntimeError, match="ids"):
+        torch.ops.allocmoe.experts(x, gu, dn, w, ids.long())
+    with pytest.raises(RuntimeError, match="activation"):
+        torch.ops.allocmoe.experts(x, gu, dn, w, ids, activation="gelu")
+    with pytest.raises(RuntimeError, match="weights"):
+        torch.ops.allocmoe.experts(x, gu, dn, w.cpu(), ids)
+    bad = ids.clone()
+    bad[0, 0] = 8
+    ops.set_validation(True)
+    try:
+        with pytest.raises(RuntimeError, match="ids"):
+            torch.ops.allocmoe.experts(x, gu, dn, w, bad)
+    finally:
+        ops.set_validation(False)
