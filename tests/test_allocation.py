@@ -8,12 +8,12 @@ from allocmoe_ext import allocation
 from allocmoe_ext.allocation import allocate, ascending, descending, lexi, schedule_cost, uniform
 
 
-def brute_force(S, budget, k_min=1):
+def brute_force(S, budget, k_min=1, exact=False):
     """All schedules; the minimum cost and, among exact ties, the lexicographically largest."""
     L, K = S.shape
     best_cost, best = None, None
     for ks in itertools.product(range(k_min, K + 1), repeat=L):
-        if sum(ks) > budget:
+        if sum(ks) > budget or (exact and sum(ks) != budget):
             continue
         cost = sum(S[i, k - 1] for i, k in enumerate(ks))
         if best_cost is None or cost < best_cost or (cost == best_cost and ks > best):
@@ -32,10 +32,12 @@ def test_dp_equals_brute_force_on_random_instances(seed):
     S = rng.normal(size=(L, K))
     if seed % 2 == 0:
         S = np.sort(np.abs(S), axis=1)[:, ::-1].copy()
-    ks = allocate(S, budget, k_min=k_min)
-    cost, _ = brute_force(S, budget, k_min)
-    assert sum(ks) <= budget and all(k_min <= k <= K for k in ks)
-    assert schedule_cost(S, ks) == pytest.approx(cost, rel=1e-12, abs=1e-12)
+    for exact in (False, True):
+        ks = allocate(S, budget, k_min=k_min, exact=exact)
+        cost, _ = brute_force(S, budget, k_min, exact)
+        assert (sum(ks) == budget) if exact else (sum(ks) <= budget)
+        assert all(k_min <= k <= K for k in ks)
+        assert schedule_cost(S, ks) == pytest.approx(cost, rel=1e-12, abs=1e-12)
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -45,10 +47,11 @@ def test_dp_tie_breaking_is_the_lexicographically_largest_optimum(seed):
     L, K = int(rng.integers(2, 5)), int(rng.integers(2, 5))
     S = rng.integers(0, 3, size=(L, K)).astype(float)
     budget = int(rng.integers(L, L * K + 1))
-    cost, best = brute_force(S, budget)
-    ks = allocate(S, budget)
-    assert schedule_cost(S, ks) == cost
-    assert ks == best
+    for exact in (False, True):
+        cost, best = brute_force(S, budget, exact=exact)
+        ks = allocate(S, budget, exact=exact)
+        assert schedule_cost(S, ks) == cost
+        assert ks == best
 
 
 def test_dp_prefers_the_insensitive_layer():
@@ -58,6 +61,14 @@ def test_dp_prefers_the_insensitive_layer():
     assert allocate(S, 4) == [3, 1]
     assert allocate(S, 8) == [4, 4]
     assert lexi(S, 5) == [4, 1]
+
+
+def test_exact_budget_spends_everything_even_when_fewer_experts_look_better():
+    # A noisy profile where layer 1 "improves" with fewer experts.
+    S = np.array([[3.0, 2.0, 1.0], [0.0, 0.5, 0.7]])
+    assert allocate(S, 5) == [3, 1]
+    assert allocate(S, 5, exact=True) == [3, 2]
+    assert lexi(S, 5) == [3, 2]
 
 
 def test_dp_is_fast_enough_for_a_real_model():

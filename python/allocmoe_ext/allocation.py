@@ -9,7 +9,8 @@ with k experts per token, k = 1..K (K = the model's top_k); lower is better.
   Ties between optimal schedules go to the lexicographically largest (K_0, K_1, ...): the
   shallower layer gets more experts (the direction the paper observes), so the answer is
   deterministic.
-- ``lexi(D, B)``: the same DP on a LExI profile (the paper's evolutionary search made exact).
+- ``lexi(D, B)``: the same DP on a LExI profile (the paper's evolutionary search made exact),
+  spending exactly B as LExI does (``allocate(..., exact=True)``).
 - ``uniform(L, K, B)``: every layer K_l = B / L, a real number; the ``topk`` policy spends a
   fractional K_l as floor(K_l) experts per token plus the best-scoring next candidates up to
   round(K_l * T) slots per call (see policies.py), so the total is the budget's.
@@ -64,8 +65,11 @@ def check_profile(S) -> np.ndarray:
     return S
 
 
-def allocate(S, budget, k_min: int = 1, expect_shape: tuple[int, int] | None = None) -> list[int]:
-    """Alloc-L: the exact minimiser of sum_i S[i, K_i - 1] with sum_i K_i <= budget.
+def allocate(S, budget, k_min: int = 1, expect_shape: tuple[int, int] | None = None,
+             exact: bool = False) -> list[int]:
+    """Alloc-L: the exact minimiser of sum_i S[i, K_i - 1] with sum_i K_i <= budget
+    (``exact=True``: sum_i K_i == budget, for comparisons at an equal budget even where a noisy
+    profile says fewer experts would be better).
 
     ``S`` is [L, K] (``S[i, k-1]`` = cost of layer i at k experts). ``expect_shape`` (L, K)
     checks the profile against the model it is meant for. Returns K_i per layer.
@@ -79,11 +83,14 @@ def allocate(S, budget, k_min: int = 1, expect_shape: tuple[int, int] | None = N
     B = int(_check_budget(budget, L, K, k_min, integer=True))
 
     # Suffix DP: F[i, b] = min cost of layers i..L-1 with at most b activations in total;
-    # F[L, b] = 0 for every b >= 0 (unused budget is allowed). Computed from the deepest layer
+    # F[L, b] = 0 for every b >= 0 (unused budget is allowed; exact: only F[L, 0]). Computed from the deepest layer
     # up so that the reconstruction can walk from the shallowest layer down and prefer, at each
     # layer, the largest k that stays optimal.
     F = np.full((L + 1, B + 1), np.inf)
-    F[L, :] = 0.0
+    if exact:
+        F[L, 0] = 0.0
+    else:
+        F[L, :] = 0.0
     for i in range(L - 1, -1, -1):
         for k in range(k_min, min(K, B) + 1):
             # F[i, b] <- S[i, k-1] + F[i+1, b-k] for every b >= k
@@ -113,8 +120,9 @@ def schedule_cost(S, ks: Sequence[int]) -> float:
 
 
 def lexi(D, budget, k_min: int = 1, expect_shape: tuple[int, int] | None = None) -> list[int]:
-    """LExI allocation: the exact DP on the LExI layer-output-error profile ``D[L, K]``."""
-    return allocate(D, budget, k_min=k_min, expect_shape=expect_shape)
+    """LExI allocation: the exact DP on the LExI layer-output-error profile ``D[L, K]``, with
+    sum k_j = budget exactly as LExI states its search."""
+    return allocate(D, budget, k_min=k_min, expect_shape=expect_shape, exact=True)
 
 
 def uniform(num_layers: int, top_k: int, budget, k_min: int = 1) -> list[float]:
@@ -159,12 +167,14 @@ ALLOCATIONS = ("alloc_l", "lexi", "uniform", "ascending", "descending")
 
 
 def allocation_for(method: str, budget, num_layers: int, top_k: int, profile=None,
-                   k_min: int = 1) -> list[float]:
-    """Per-layer K_l of a named allocation method (profile needed for alloc_l / lexi)."""
+                   k_min: int = 1, exact: bool = False) -> list[float]:
+    """Per-layer K_l of a named allocation method (profile needed for alloc_l / lexi;
+    ``exact``: alloc_l spends the whole budget, see ``allocate``)."""
     if method in ("alloc_l", "lexi"):
         if profile is None:
             raise ValueError(f"allocation {method!r} needs a profile")
-        return [float(k) for k in allocate(profile, budget, k_min, expect_shape=(num_layers, top_k))]
+        return [float(k) for k in allocate(profile, budget, k_min, expect_shape=(num_layers, top_k),
+                                           exact=exact or method == "lexi")]
     if method == "uniform":
         return uniform(num_layers, top_k, budget, k_min)
     if method == "ascending":

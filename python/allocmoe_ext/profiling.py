@@ -159,18 +159,29 @@ def calibration_fingerprint(batches: Sequence[torch.Tensor], source: str = "") -
 
 
 @torch.no_grad()
-def perplexity(model, batches: Sequence[torch.Tensor]) -> float:
-    """exp(mean next-token cross-entropy) over every position of every batch."""
+def evaluate_lm(model, batches: Sequence[torch.Tensor]) -> dict:
+    """Next-token language-model quality over every position of every batch: mean
+    cross-entropy ``nll`` (nats), ``perplexity`` = exp(nll), top-1 ``accuracy``, ``tokens``
+    (the number of predicted positions)."""
     device = _model_device(model)
-    nll, count = 0.0, 0
+    nll, correct, count = 0.0, 0, 0
     for ids in batches:
         ids = ids.to(device)
-        logits = model(input_ids=ids, use_cache=False).logits
+        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        target = ids[:, 1:]
         nll += torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
-            reduction="sum").item()
-        count += ids[:, 1:].numel()
-    return math.exp(nll / count)
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").item()
+        correct += (logits.argmax(-1) == target).sum().item()
+        count += target.numel()
+    if count == 0:
+        raise ValueError("no tokens to evaluate")
+    return {"nll": nll / count, "perplexity": math.exp(nll / count), "accuracy": correct / count,
+            "tokens": count}
+
+
+def perplexity(model, batches: Sequence[torch.Tensor]) -> float:
+    """exp(mean next-token cross-entropy) over every position of every batch."""
+    return evaluate_lm(model, batches)["perplexity"]
 
 
 def _topk_policies(ks: Sequence[int]) -> list[TokenPolicy]:
