@@ -16,7 +16,8 @@ Every baseline runs the routing a user would (softmax + torch.topk) and then its
 forward on exactly the slots Alloc-T kept (dropped slots are the transformers "sentinel"
 expert E with weight 0), so every path does the same expert work and its output can be
 checked against one fp32 reference. The router matmul (hidden -> logits) is outside every
-timed region. Shared experts, when included, are a dense torch MLP in every unfused path.
+timed region except the fused op's, which takes the router weight. Shared experts, when
+included, are the model's dense torch MLP in every unfused path.
 """
 from __future__ import annotations
 
@@ -51,26 +52,28 @@ class Shape:
     inter: int  # routed expert intermediate size
     experts: int
     top_k: int
-    shared_inter: int  # 0: no shared experts
+    shared_experts: int  # 0: none
+    shared_inter: int  # intermediate size of all shared experts together (a dense MLP of this size)
     shared_gate: bool  # Qwen-style sigmoid gate on the shared expert output
 
 
 SHAPES = {
-    "dsv2": Shape("DeepSeek-V2-Lite", 2048, 1408, 64, 6, 2816, False),
-    "qwen": Shape("Qwen1.5-MoE-A2.7B", 2048, 1408, 60, 4, 5632, True),
-    "olmoe": Shape("OLMoE-1B-7B", 2048, 1024, 64, 8, 0, False),
+    "dsv2": Shape("DeepSeek-V2-Lite", 2048, 1408, 64, 6, 2, 2816, False),
+    "qwen": Shape("Qwen1.5-MoE-A2.7B", 2048, 1408, 60, 4, 1, 5632, True),
+    "olmoe": Shape("OLMoE-1B-7B", 2048, 1024, 64, 8, 0, 0, False),
 }
 # --quick: same expert counts and top-k, tiny matrices.
 QUICK_SHAPES = {
-    "dsv2": Shape("DeepSeek-V2-Lite (tiny)", 128, 64, 64, 6, 128, False),
-    "qwen": Shape("Qwen1.5-MoE-A2.7B (tiny)", 128, 64, 60, 4, 256, True),
-    "olmoe": Shape("OLMoE-1B-7B (tiny)", 128, 48, 64, 8, 0, False),
+    "dsv2": Shape("DeepSeek-V2-Lite (tiny)", 128, 64, 64, 6, 2, 128, False),
+    "qwen": Shape("Qwen1.5-MoE-A2.7B (tiny)", 128, 64, 60, 4, 1, 256, True),
+    "olmoe": Shape("OLMoE-1B-7B (tiny)", 128, 48, 64, 8, 0, 0, False),
 }
 TOKENS = [1, 4, 16, 64, 256, 1024, 4096]
 QUICK_TOKENS = [1, 4]
 BUDGETS = {"full": 1.0, "75%": 0.75, "50%": 0.5, "33%": 1.0 / 3.0}  # fractions of top_k
-PATHS = ["ours", "fused", "route", "topk", "eager_loop", "grouped_mm", "hf_batched_mm", "hf_grouped_mm"]
+PATHS = ["route", "ours", "fused", "topk", "eager_loop", "grouped_mm", "hf_batched_mm", "hf_grouped_mm"]
 OURS_PATHS = ("ours", "fused")
+ROUTING_PATHS = ("route", "topk")
 BASELINE_PATHS = ("eager_loop", "grouped_mm", "hf_batched_mm", "hf_grouped_mm")
 
 
@@ -84,17 +87,23 @@ class DeviceFault(RuntimeError):
 
 # ----------------------------------------------------------------------------- the extension
 def load_extension():
-    """Import allocmoe_ext (installed, or from the source tree). Returns an error string or None."""
+    """Import allocmoe_ext (as PYTHONPATH / the install says, else from the source tree).
+
+    Returns (error string or None, dict saying which module was loaded and which kernels it has).
+    """
     try:
-        import allocmoe_ext  # noqa: F401
-        return None
-    except ImportError:
-        sys.path.insert(0, os.path.join(REPO, "python"))
-    try:
-        import allocmoe_ext  # noqa: F401,F811
-        return None
-    except Exception as e:  # the native module may be missing or built for another torch
-        return f"allocmoe_ext not importable: {type(e).__name__}: {e}"
+        try:
+            import allocmoe_ext  # noqa: F401
+        except ImportError:
+            sys.path.insert(0, os.path.join(REPO, "python"))
+            import allocmoe_ext  # noqa: F401,F811
+    except Exception as e:  # the native module may be missing, stale, or built for another torch
+        return f"allocmoe_ext not importable: {type(e).__name__}: {str(e).splitlines()[0]}", {}
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    info = {"module": allocmoe_ext.__file__}
+    for op in ("route", "experts", "moe"):
+        info[op] = [k for k in ("CPU", "CUDA") if hasattr(torch.ops.allocmoe, op) and has(f"allocmoe::{op}", k)]
+    return None, info
 
 
 def call_fused_moe(x, logits, layer, shape, budget, shared):
@@ -108,7 +117,7 @@ def call_fused_moe(x, logits, layer, shape, budget, shared):
     op = torch.ops.allocmoe.moe
     values = {
         "hidden": x, "hidden_states": x,
-        "router_logits": logits, "logits": logits,
+        "router_logits": logits, "logits": logits, "router_weight": layer.router,
         "gate_up": layer.gate_up, "down": layer.down,
         "top_k": shape.top_k, "budget": budget, "k_base": 1,
         "scoring": "softmax", "norm_topk_prob": False, "routed_scaling_factor": 1.0,
@@ -138,7 +147,11 @@ def call_fused_moe(x, logits, layer, shape, budget, shared):
 
 # ----------------------------------------------------------------------------- layer and inputs
 class Layer:
-    """Random bf16 weights of one MoE layer in the transformers layout (gate rows first)."""
+    """Random bf16 weights of one MoE layer in the transformers layout (gate rows first).
+
+    Shared experts are stored stacked, [S, 2I_s, H] and [S, H, I_s] (the fused op's layout),
+    and once more as the one dense MLP of intermediate S*I_s that transformers models hold.
+    """
 
     def __init__(self, shape: Shape, device, seed: int):
         g = torch.Generator(device=device).manual_seed(seed)
@@ -149,19 +162,30 @@ class Layer:
 
         self.gate_up = randn(E, 2 * I, H, std=H**-0.5)
         self.down = randn(E, H, I, std=I**-0.5)
-        self.router = torch.randn(E, H, generator=g, device=device) * (2.0 * H**-0.5)
-        Is = shape.shared_inter
-        self.sh_gate_up = randn(2 * Is, H, std=H**-0.5) if Is else None
-        self.sh_down = randn(H, Is, std=Is**-0.5) if Is else None
-        self.sh_gate = randn(1, H, std=H**-0.5) if (Is and shape.shared_gate) else None
+        self.router = randn(E, H, std=2.0 * H**-0.5)  # logits of std ~2
+        S = shape.shared_experts
+        self.sh_gate_up = self.sh_down = self.sh_gate = None
+        if S:
+            Ij = shape.shared_inter // S
+            self.sh_gate_up = randn(S, 2 * Ij, H, std=H**-0.5)
+            self.sh_down = randn(S, H, Ij, std=shape.shared_inter**-0.5)
+            self.sh_gate = randn(H, std=H**-0.5) if shape.shared_gate else None
+            # dense MLP: gate rows of every shared expert, then their up rows; down side by side
+            self.dense_gate_up = torch.cat([self.sh_gate_up[:, :Ij].reshape(S * Ij, H),
+                                            self.sh_gate_up[:, Ij:].reshape(S * Ij, H)])
+            self.dense_down = self.sh_down.permute(1, 0, 2).reshape(H, S * Ij).contiguous()
+
+    def logits(self, x):
+        """Router logits in fp32, as the models (and the fused op) compute them."""
+        return x.float() @ self.router.float().T
 
 
 def shared_mlp(x, layer):
     """The shared experts as one dense SiLU MLP (2 experts of I == one MLP of 2I)."""
-    gate, up = F.linear(x, layer.sh_gate_up).chunk(2, dim=-1)
-    y = F.linear(F.silu(gate) * up, layer.sh_down)
+    gate, up = F.linear(x, layer.dense_gate_up).chunk(2, dim=-1)
+    y = F.linear(F.silu(gate) * up, layer.dense_down)
     if layer.sh_gate is not None:
-        y = y * torch.sigmoid(F.linear(x, layer.sh_gate))
+        y = y * torch.sigmoid(F.linear(x, layer.sh_gate[None]))
     return y
 
 
@@ -193,10 +217,12 @@ def reference_out(x, w, ids, layer, shared):
         y = (F.silu(gate) * up) @ layer.down[e].float().T
         out.index_add_(0, tok, y * w[tok, slot, None])
     if shared:
-        gate, up = (xf @ layer.sh_gate_up.float().T).chunk(2, dim=-1)
-        y = (F.silu(gate) * up) @ layer.sh_down.float().T
+        y = torch.zeros_like(out)
+        for j in range(layer.sh_gate_up.shape[0]):  # stacked form: checks the dense copy too
+            gate, up = (xf @ layer.sh_gate_up[j].float().T).chunk(2, dim=-1)
+            y += (F.silu(gate) * up) @ layer.sh_down[j].float().T
         if layer.sh_gate is not None:
-            y = y * torch.sigmoid(xf @ layer.sh_gate.float().T)
+            y = y * torch.sigmoid(xf @ layer.sh_gate.float())[:, None]
         out += y
     return out
 
@@ -303,15 +329,18 @@ def grouped_mm_experts(x, ids_sentinel, w, gate_up, down):
 
 # ----------------------------------------------------------------------------- one row
 class RowInputs:
-    """Several input sets for one row (rotated while timing), with the Alloc-T slots of each."""
+    """Input sets for one row, with the Alloc-T slots of each: ``n_sets`` rotated while timing,
+    plus one more (index ``check``) used only for the correctness check, so that no freed block
+    of an earlier run can hold its right answer."""
 
     def __init__(self, shape, layer, T, budget, n_sets, device, seed):
         g = torch.Generator(device=device).manual_seed(seed)
         self.x, self.logits, self.w, self.ids = [], [], [], []
         self.w_trim, self.ids_sentinel = [], []
-        for _ in range(n_sets):
+        self.n_sets, self.check = n_sets, n_sets
+        for _ in range(n_sets + 1):
             x = torch.randn(T, shape.hidden, generator=g, device=device).to(torch.bfloat16)
-            logits = x.float() @ layer.router.T
+            logits = layer.logits(x)
             w, ids = alloc_t_torch(logits, shape.top_k, budget)
             # Kept slots are a prefix of each row: baselines get the columns that hold any.
             kmax = int((ids >= 0).sum(dim=1).max().item())
@@ -323,22 +352,21 @@ class RowInputs:
             self.w_trim.append(w_t)
             self.ids_sentinel.append(torch.where(i_t >= 0, i_t, shape.experts).long().contiguous())
         self.k_realised = float((self.ids[0] >= 0).sum().item()) / T
-        self.touched = sum(float(torch.unique(i[i >= 0]).numel()) for i in self.ids) / n_sets
+        self.touched = sum(float(torch.unique(i[i >= 0]).numel()) for i in self.ids[:n_sets]) / n_sets
         self.has_dropped = any(bool((i == shape.experts).any()) for i in self.ids_sentinel)
 
 
 def build_paths(ctx, only):
-    """name -> (list of per-set callables or an exception, graph-capturable?)."""
+    """name -> (make(set_index) -> no-argument callable, graph-capturable?) or a Skip."""
     shape, layer, inp, budget, shared = ctx.shape, ctx.layer, ctx.inp, ctx.budget, ctx.shared
     E, K = shape.experts, shape.top_k
     gate_up, down = layer.gate_up, layer.down
-    n = len(inp.x)
     k_int = max(1, math.floor(budget + 0.5))
     add_shared = (lambda x, y: y + shared_mlp(x, layer)) if shared else (lambda x, y: y)
     paths = {}
-
-    def per_set(make):
-        return [make(s) for s in range(n)]
+    if ctx.ext_error:
+        paths.update({p: Skip(ctx.ext_error) for p in ("route", "ours", "fused") if p in only})
+        only = [p for p in only if p not in paths]
 
     if "ours" in only:
         def make(s):
@@ -348,13 +376,13 @@ def build_paths(ctx, only):
                 w, ids = torch.ops.allocmoe.route(lg, K, budget, 1)
                 return add_shared(x, torch.ops.allocmoe.experts(x, gate_up, down, w, ids))
             return run
-        paths["ours"] = (per_set, make, True)
+        paths["ours"] = (make, True)
     if "fused" in only:
-        paths["fused"] = (per_set, lambda s: call_fused_moe(inp.x[s], inp.logits[s], layer, shape, budget, shared), True)
+        paths["fused"] = (lambda s: call_fused_moe(inp.x[s], inp.logits[s], layer, shape, budget, shared), True)
     if "route" in only:
-        paths["route"] = (per_set, lambda s: (lambda lg=inp.logits[s]: torch.ops.allocmoe.route(lg, K, budget, 1)), True)
+        paths["route"] = (lambda s: (lambda lg=inp.logits[s]: torch.ops.allocmoe.route(lg, K, budget, 1)), True)
     if "topk" in only:
-        paths["topk"] = (per_set, lambda s: (lambda lg=inp.logits[s]: torch.softmax(lg, -1, dtype=torch.float32).topk(k_int)), True)
+        paths["topk"] = (lambda s: (lambda lg=inp.logits[s]: torch.softmax(lg, -1, dtype=torch.float32).topk(k_int)), True)
 
     def baseline(experts_fn):
         def make(s):
@@ -368,12 +396,12 @@ def build_paths(ctx, only):
 
     if "eager_loop" in only:
         eager = TorchExperts(None, gate_up, down)
-        paths["eager_loop"] = (per_set, baseline(eager), False)  # host syncs: not capturable
+        paths["eager_loop"] = (baseline(eager), False)  # host syncs: not capturable
     if "grouped_mm" in only:
         if not hasattr(torch, "_grouped_mm"):
             paths["grouped_mm"] = Skip("torch._grouped_mm not in this torch")
         else:
-            paths["grouped_mm"] = (per_set, baseline(lambda x, i, w: grouped_mm_experts(x, i, w, gate_up, down)), True)
+            paths["grouped_mm"] = (baseline(lambda x, i, w: grouped_mm_experts(x, i, w, gate_up, down)), True)
     for impl in ("batched_mm", "grouped_mm"):
         name = "hf_" + impl
         if name not in only:
@@ -389,7 +417,7 @@ def build_paths(ctx, only):
             continue
         # Dropped slots are transformers' expert-parallel sentinel (id E, weight 0).
         mod._is_expert_parallel = inp.has_dropped
-        paths[name] = (per_set, baseline(mod), True)
+        paths[name] = (baseline(mod), True)
     return paths
 
 
@@ -402,16 +430,20 @@ def check_device(device):
 
 
 def measure_path(name, spec, ctx, timer, use_graph, refs):
-    """Eager (and graph) timings of one path, each with its rel err on input set 0."""
+    """Eager (and graph) timings of one path, each with its correctness on the check set."""
     if isinstance(spec, Skip):
         return {"skipped": str(spec)}
-    per_set, make, graphable = spec
-    result = {}
+    make, graphable = spec
+    flush = name not in ROUTING_PATHS  # routing reads only logits, which a model has just written
+    result = {"l2_flush": flush and ctx.device.type == "cuda"}
     try:
-        calls = per_set(make)
-        out = calls[0]()
+        calls = [make(s) for s in range(ctx.inp.n_sets)]
+        check_call = make(ctx.inp.check)
+        out = check_call()
         result["eager"] = check_output(name, out, refs)
-        result["eager"].update(timer.median_us(calls))
+        poison(out)
+        del out
+        result["eager"].update(timer.median_us(calls, flush_l2=flush))
     except Skip as e:
         return {"skipped": str(e)}
     except Exception as e:
@@ -420,11 +452,15 @@ def measure_path(name, spec, ctx, timer, use_graph, refs):
     if use_graph and graphable:
         graphs = []
         try:
-            for c in calls:
+            for c in calls + [check_call]:
                 graphs.append(capture_graph(c))
-            graphs[0][0].replay()
-            result["graph"] = check_output(name, graphs[0][1], refs)
-            result["graph"].update(timer.median_us([g.replay for g, _ in graphs]))
+            check_graph, check_out = graphs.pop()
+            poison(check_out)  # capture does not run the kernels: the buffer holds whatever was there
+            check_graph.replay()
+            result["graph"] = check_output(name, check_out, refs)
+            poison(check_out)
+            del check_graph, check_out
+            result["graph"].update(timer.median_us([g.replay for g, _ in graphs], flush_l2=flush))
         except Exception as e:
             check_device(ctx.device)
             result["graph"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
@@ -432,8 +468,16 @@ def measure_path(name, spec, ctx, timer, use_graph, refs):
     return result
 
 
+def poison(out):
+    """Overwrite a checked output, so that a later kernel that leaves its output unwritten and
+    is handed this block by the allocator cannot pass for right (NaN never passes)."""
+    for t in out if isinstance(out, (tuple, list)) else (out,):
+        if isinstance(t, torch.Tensor):
+            t.fill_(float("nan") if t.is_floating_point() else -7)
+
+
 def check_output(name, out, refs):
-    """Correctness of one path's output on input set 0.
+    """Correctness of one path's output on the check set.
 
     Layer outputs: rel err against the fp32 reference on the slots the path used (ours: the
     slots our route chose, which must themselves pass route_check; baselines: torch Alloc-T).
@@ -454,17 +498,19 @@ def check_output(name, out, refs):
 
 
 def references(ctx):
-    """fp32 layer references on input set 0: on the torch Alloc-T slots and on our route's slots."""
+    """fp32 layer references on the check set: on the torch Alloc-T slots and on our route's slots."""
     inp = ctx.inp
-    x, logits = inp.x[0], inp.logits[0]
-    refs = SimpleNamespace(logits=logits, w=inp.w[0], ids=inp.ids[0], route_ok=False,
-                           torch=reference_out(x, inp.w[0], inp.ids[0], ctx.layer, ctx.shared))
+    c = inp.check
+    x, logits = inp.x[c], inp.logits[c]
+    refs = SimpleNamespace(logits=logits, w=inp.w[c], ids=inp.ids[c], route_ok=False,
+                           torch=reference_out(x, inp.w[c], inp.ids[c], ctx.layer, ctx.shared))
     refs.ours = refs.torch
     try:
         ours_route = torch.ops.allocmoe.route(logits, ctx.shape.top_k, ctx.budget, 1)
-        refs.route_ok = route_check(ours_route, logits, inp.w[0], inp.ids[0])["ok"]
+        refs.route_ok = route_check(ours_route, logits, refs.w, refs.ids)["ok"]
         if refs.route_ok:
             refs.ours = reference_out(x, ours_route[0], ours_route[1].to(torch.int32), ctx.layer, ctx.shared)
+        poison(ours_route)
     except Exception:
         check_device(ctx.device)  # the route path itself records the error
     return refs
@@ -549,7 +595,7 @@ def table(rows):
         tk = best_time(p.get("topk", {}), False)
         ratios = r.get("ratio_vs", {})
         errs = [p[n][m]["rel_err"] for n in OURS_PATHS for m in ("eager", "graph") if "rel_err" in p.get(n, {}).get(m, {})]
-        how = r.get("ours_path", "WRONG" if r["ours_wrong"] else "n/a")
+        how = r.get("ours_path", "WRONG" if r["ours_wrong"] else "n/a") + ("!" if r["ours_wrong"] and "ours_path" in r else "")
         lines.append(
             f"{r['shape']:6} {'y' if r['shared'] else 'n':2} {r['T']:>5} {r['budget_label']:>4} {r['k_realised']:>5.2f} "
             f"{r['experts_touched']:>5.1f} {r['bw_floor_us']:>7.1f} {r['mm_floor_us']:>7.1f} "
@@ -558,6 +604,8 @@ def table(rows):
             + " ".join(baseline_cell(p.get(b, {}), ratios.get(b)) for b in BASELINE_PATHS)
             + f" {fmt(max(errs) if errs else None, '.1e', 7)}"
         )
+    lines.append("ours/how: best correct path of ours (route+experts) and fused, eager or graph; WRONG: none passed, "
+                 "!: another failed (rows' ours_wrong); baselines: best time us (baseline / ours)")
     return "\n".join(lines)
 
 
@@ -573,9 +621,9 @@ def bars_summary(rows):
     for label, key, bar in (("T=1 full", (1, "full"), 1.15), ("T=1 50%", (1, "50%"), 1.25)):
         v = x_floor(by.get(key))
         out.append(f"  {label}: ours/bw_floor = {fmt(v, '.2f', 5)} (bar <= {bar})")
-    mid = [x_floor(by.get((t, "full"))) for t in (4, 16, 64, 256)]
-    mid = [v for v in mid if v is not None]
-    out.append(f"  T=4..256 full: worst ours/floor(bw) = {fmt(max(mid) if mid else None, '.2f', 5)} (bar <= 1.10)")
+    mid = [by.get((t, "full")) for t in (4, 16, 64, 256)]
+    mid = [r["ours_us"] / r["floor_us"] for r in mid if r and "ours_us" in r]
+    out.append(f"  T=4..256 full: worst ours/floor = {fmt(max(mid) if mid else None, '.2f', 5)} (bar <= 1.10)")
     full, half = by.get((1, "full")), by.get((1, "50%"))
     if full and half and "ours_us" in full and "ours_us" in half:
         out.append(f"  T=1 speedup full -> 50%: {full['ours_us'] / half['ours_us']:.2f}x (bar >= 1.8)")
@@ -646,12 +694,13 @@ def main(argv=None):
     args = parse_args(argv)
     t_start = time.perf_counter()
     device = args.device
-    ext_error = load_extension()
+    ext_error, ext_info = load_extension()
+    args.ext_error = ext_error
+    print(f"allocmoe_ext: {ext_info}", file=sys.stderr)
     if os.environ.get("ALLOCMOE_VALIDATE", "0") not in ("", "0"):
         print("warning: ALLOCMOE_VALIDATE is on; its host syncs are in the timings", file=sys.stderr)
     if ext_error:
         print(ext_error, file=sys.stderr)
-        args.only = [p for p in args.only if p not in ("ours", "fused", "route")]
     shapes = QUICK_SHAPES if args.quick else SHAPES
     if device.type == "cpu":
         torch.set_num_threads(1)  # tiny CPU shapes: thread barriers on a busy machine cost more than they save
@@ -667,11 +716,12 @@ def main(argv=None):
         "bench": "bench_layer", "argv": sys.argv[1:] if argv is None else list(argv),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": device_name(device), "torch": torch.__version__, "transformers": tf_version,
-        "cuda": torch.version.cuda, "extension_error": ext_error,
+        "cuda": torch.version.cuda, "extension_error": ext_error, "extension": ext_info,
         "has_fused_moe": (not ext_error) and hasattr(torch.ops.allocmoe, "moe"),
         "env": {k: v for k, v in os.environ.items() if k.startswith("ALLOCMOE_")},
         "ceilings": ceil, "timing": {"reps": args.reps, "warmup": args.warmup, "input_sets": args.sets,
-                                     "l2_flush": device.type == "cuda", "graph": args.graph},
+                                     "graph": args.graph,
+                                     "l2_flush": "before every CUDA run, except route/topk (a sleep kernel instead)"},
         "rows": [],
     }
     print(f"device {result['device']}, torch {torch.__version__}: {ceilings_line(ceil)}", file=sys.stderr, flush=True)
@@ -687,6 +737,9 @@ def main(argv=None):
         path = write_results(result, args.out)
     print(table(result["rows"]))
     print(f"\nBars (issue 4, dsv2 routed-only):\n{bars_summary(result['rows'])}")
+    if ext_error:
+        print(f"\nWARNING: no ours/fused/route timings: {ext_error}")
+    print(f"allocmoe_ext: {ext_info}")
     print(f"\n{result['device']}: {ceilings_line(ceil)}; "
           f"ratios are baseline time / ours; {result['wall_s']:.0f} s; wrote {path}")
     return 1 if "fatal" in result else 0
@@ -711,7 +764,7 @@ def run_grid(args, shapes, timer, ceil, result, t_start):
                                     seed=zlib.crc32(f"{args.seed}/{shape_key}/{T}/{label}".encode()))
                     ctx = SimpleNamespace(shape_key=shape_key, shape=shape, layer=layer, T=T, budget=budget,
                                           budget_label=label, shared=shared, inp=inp, device=args.device,
-                                          max_gather_bytes=args.max_gather_gb * 2**30)
+                                          max_gather_bytes=args.max_gather_gb * 2**30, ext_error=args.ext_error)
                     row = run_row(ctx, timer, args, ceil)
                     result["rows"].append(row)
                     print(f"{shape_key} shared={int(shared)} T={T} {label}: ours {row.get('ours_us', float('nan')):.1f} us "

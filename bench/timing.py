@@ -14,6 +14,7 @@ import time
 import torch
 
 L2_BYTES = 50 * 2**20  # H100 L2; the flush buffer reads 4x this
+SLEEP_CYCLES = 100_000  # ~50 us at H100 clocks: longer than launching a graph or a few kernels
 
 
 class Timer:
@@ -34,11 +35,16 @@ class Timer:
             self._flush_out = torch.empty((), device=device, dtype=torch.float32)
 
     def _flush(self):
-        if self._flush_buf is not None:
-            torch.sum(self._flush_buf, dim=0, out=self._flush_out)
+        torch.sum(self._flush_buf, dim=0, out=self._flush_out)
 
-    def median_us(self, calls) -> dict:
-        """Median (and spread) in microseconds over ``reps`` timed runs after ``warmup`` runs."""
+    def median_us(self, calls, flush_l2: bool = True) -> dict:
+        """Median (and spread) in microseconds over ``reps`` timed runs after ``warmup`` runs.
+
+        Before each run the device is kept busy (the L2 flush, or a short sleep kernel when
+        ``flush_l2`` is false: small inputs that a real model has just written stay in L2), so
+        that the host has queued the timed work before its start event fires and a graph's
+        launch latency is not counted as device time.
+        """
         n = len(calls)
         for i in range(self.warmup):
             calls[i % n]()
@@ -47,7 +53,10 @@ class Timer:
             starts = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
             ends = [torch.cuda.Event(enable_timing=True) for _ in range(self.reps)]
             for i in range(self.reps):
-                self._flush()
+                if flush_l2 and self._flush_buf is not None:
+                    self._flush()
+                else:
+                    torch.cuda._sleep(SLEEP_CYCLES)
                 starts[i].record()
                 calls[i % n]()
                 ends[i].record()

@@ -57,6 +57,8 @@ def test_quick_run_writes_json_and_checks_every_path(bench, tmp_path):
         for name in ("ours", "fused", "route"):
             p = paths[name]
             assert "eager" in p or "error" in p or "skipped" in p, (name, p)
+            if "eager" in p and name != "fused":  # our CPU ops, when built, must check out
+                assert p["eager"]["ok"], (name, p["eager"])
         # "ours" is only reported from a path whose output (and routing) checked out
         if "ours_us" in row:
             assert row["ours_path"].split("/")[0] in bench.OURS_PATHS
