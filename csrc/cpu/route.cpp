@@ -88,23 +88,29 @@ Candidates make_candidates(const at::Tensor& logits_f32, int64_t top_k, Scoring 
   // Grain: a few hundred tokens per task so tiny calls stay single-threaded.
   at::parallel_for(0, T, 256, [&](int64_t begin, int64_t end) {
     std::vector<float> p(E), c(E), group_score(grouped ? n_group : 0);
-    std::vector<int64_t> group_order(grouped ? n_group : 0), order;
+    std::vector<int64_t> group_order(grouped ? n_group : 0);
     std::vector<uint8_t> eligible(E, uint8_t{1});
-    order.reserve(E);
     for (int64_t t = begin; t < end; ++t) {
       score_row(logits + t * E, E, scoring, bias, p.data(), c.data());
       if (grouped) select_groups(c.data(), E, scoring, n_group, topk_group, group_score, group_order, eligible);
-      order.clear();
+      // Insertion into a sorted top_k list: one pass over E, cheaper than sorting for small top_k.
+      int32_t* top_id = cand.id.data() + t * top_k;
+      float* top_c = cand.c.data() + t * top_k;
+      int64_t filled = 0;
       for (int64_t e = 0; e < E; ++e) {
-        if (eligible[e]) order.push_back(e);
+        if (!eligible[e]) continue;
+        // Scanning e in increasing order, "better" reduces to a strict > against kept entries.
+        if (filled == top_k && !(c[e] > top_c[top_k - 1])) continue;
+        int64_t pos = filled < top_k ? filled++ : top_k - 1;
+        while (pos > 0 && c[e] > top_c[pos - 1]) {
+          top_c[pos] = top_c[pos - 1];
+          top_id[pos] = top_id[pos - 1];
+          --pos;
+        }
+        top_c[pos] = c[e];
+        top_id[pos] = static_cast<int32_t>(e);
       }
-      std::partial_sort(order.begin(), order.begin() + top_k, order.end(),
-                        [&](int64_t a, int64_t b) { return better(c[a], a, c[b], b); });
-      for (int64_t r = 0; r < top_k; ++r) {
-        cand.id[t * top_k + r] = static_cast<int32_t>(order[r]);
-        cand.c[t * top_k + r] = c[order[r]];
-        cand.p[t * top_k + r] = p[order[r]];
-      }
+      for (int64_t r = 0; r < top_k; ++r) cand.p[t * top_k + r] = p[top_id[r]];
     }
   });
   return cand;
