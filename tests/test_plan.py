@@ -87,3 +87,33 @@ def test_plan_can_carry_a_measured_profile(tmp_path):
     plan = make_plan(integration.model_info(model), [1, 2], profile=prof, allocation="lexi")
     plan.save(tmp_path / "p.json")
     assert Plan.load(tmp_path / "p.json").profile["method"] == "lexi"
+
+
+def test_build_plan_for_every_allocation_and_policy():
+    from allocmoe_ext.plan import build_plan
+    from allocmoe_ext.profiling import alloc_l_profile
+
+    model = integration.apply(tiny_model("deepseek_v2", num_hidden_layers=5))
+    info = integration.model_info(model)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 96, (4, 32), generator=g)]
+    profiles = {"alloc_l": alloc_l_profile(model, batches, progress=False),
+                "lexi": lexi_profile(model, batches, progress=False)}
+    for allocation in ("uniform", "ascending", "descending", "alloc_l", "lexi"):
+        for policy in ("topk", "alloc_t", "top_p", "naee_skip"):
+            plan = build_plan(info, 8, allocation, policy, profile=profiles.get(allocation), model=model,
+                              calib_batches=batches, exact_budget=True)
+            assert sum(plan.layer_budgets) == pytest.approx(8)
+            assert {p.kind for p in plan.policies} == {policy}
+            assert plan.allocation == allocation
+            if policy in ("top_p", "naee_skip"):
+                assert all(p.threshold is not None for p in plan.policies)
+    with pytest.raises(ValueError, match="measured with method 'alloc_l'"):
+        build_plan(info, 8, "alloc_l", profile=profiles["lexi"])
+    with pytest.raises(ValueError, match="needs a profile"):
+        build_plan(info, 8, "lexi")
+    with pytest.raises(ValueError, match="calib_batches"):
+        build_plan(info, 8, "uniform", "top_p")
+    other = integration.model_info(tiny_model("olmoe"))
+    with pytest.raises(PlanMismatchError, match="another model"):
+        build_plan(other, 3, "alloc_l", profile=profiles["alloc_l"])

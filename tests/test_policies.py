@@ -198,14 +198,16 @@ def test_policy_dict_round_trip():
     assert TokenPolicy.from_dict(p.to_dict()) == p
 
 
-@pytest.mark.parametrize("arch,kind", [("deepseek_v2", "top_p"), ("deepseek_v3", "naee_skip"),
-                                       ("qwen2_moe", "top_p")])
+@pytest.mark.parametrize("arch,kind", [("deepseek_v2", "top_p"), ("deepseek_v2_group", "naee_skip"),
+                                       ("deepseek_v3", "naee_skip"), ("deepseek_v3", "top_p"),
+                                       ("qwen2_moe", "top_p"), ("qwen3_moe", "naee_skip"),
+                                       ("olmoe", "top_p"), ("mixtral", "naee_skip"), ("gpt_oss", "top_p")])
 def test_calibrate_model_hits_each_layers_budget_on_the_calibration_tokens(arch, kind):
     from allocmoe_ext import integration
     from allocmoe_ext.integration.tiny import tiny_model
     from allocmoe_ext.policies import calibrate_model
 
-    model = integration.apply(tiny_model(arch, num_hidden_layers=4))
+    model = integration.apply(tiny_model(arch, num_hidden_layers=2 if arch == "gpt_oss" else 4))
     info = integration.model_info(model)
     L, K = info["num_moe_layers"], info["top_k"]
     budgets = [1 + (K - 1) * (i + 1) / (L + 1) for i in range(L)]  # a different target per layer

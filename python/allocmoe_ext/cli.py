@@ -154,44 +154,22 @@ def cmd_profile(args) -> int:
 
 def _plan_from_args(args, info: dict, model=None, tokenizer=None):
     """A Plan from --budget/--allocation/--policy/--k-base/--profile (+ --calib for thresholds)."""
-    from .allocation import allocation_for
-    from .plan import make_plan
+    from .plan import build_plan
     from .profiling import Profile
 
-    L, K = info["num_moe_layers"], info["top_k"]
-    profile = None
-    if args.profile:
-        profile = Profile.load(args.profile)
-        if profile.model != {k: info[k] for k in profile.model}:
-            raise CLIError(f"--profile {args.profile} was measured on another model ({profile.model}), "
-                           f"this one is {dict((k, info[k]) for k in profile.model)}")
-    if args.allocation in ("alloc_l", "lexi"):
-        if profile is None:
-            raise CLIError(f"--allocation {args.allocation} needs --profile (from `allocmoe profile "
-                           f"--method {args.allocation}`)")
-        if profile.method != args.allocation:
-            raise CLIError(f"--allocation {args.allocation} needs a profile measured with --method "
-                           f"{args.allocation}, {args.profile} was measured with --method {profile.method}")
-    budget = float(L * K) if args.budget is None else args.budget
+    profile = Profile.load(args.profile) if args.profile else None
     policy = args.policy or "topk"
-    matrix = profile.tensor().numpy() if profile is not None and args.allocation in ("alloc_l", "lexi") else None
-    if args.allocation in ("alloc_l", "lexi", "ascending", "descending") and budget != int(budget):
-        raise CLIError(f"--budget {budget:g}: {args.allocation} needs an integer budget")
-    ks = allocation_for(args.allocation, budget, L, K, matrix, exact=args.exact_budget)
-    thresholds = None
+    calib_batches = None
     if policy in ("top_p", "naee_skip"):
         if model is None or not args.calib:
             raise CLIError(f"--policy {policy} calibrates its thresholds: give --model and --calib")
-        from . import integration
-        from .policies import calibrate_model
-
-        batches = _text_batches(args, args.calib, model, tokenizer)
-        policies = calibrate_model(model, batches, policy, ks)
-        integration.set_policies(model, None)
-        thresholds = [p.threshold for p in policies]
-    return make_plan(info, ks, kind=policy, k_base=args.k_base, thresholds=thresholds,
-                     allocation=args.allocation, profile=profile,
-                     notes=f"--budget {budget:g} --allocation {args.allocation} --policy {policy}")
+        calib_batches = _text_batches(args, args.calib, model, tokenizer)
+    if args.allocation in ("alloc_l", "lexi") and profile is None:
+        raise CLIError(f"--allocation {args.allocation} needs --profile (from `allocmoe profile "
+                       f"--method {args.allocation}`)")
+    return build_plan(info, args.budget, args.allocation, policy, args.k_base, profile, model, calib_batches,
+                      exact_budget=args.exact_budget,
+                      notes=f"--budget {args.budget} --allocation {args.allocation} --policy {policy}")
 
 
 def cmd_plan(args) -> int:

@@ -155,3 +155,45 @@ def make_plan(model_info: dict, layer_budgets: Sequence[float], kind: str = "top
         profile = profile.to_dict()
     return Plan(model={k: model_info[k] for k in IDENTITY_KEYS}, policies=policies,
                 budget=float(sum(layer_budgets)), allocation=allocation, profile=profile, notes=notes)
+
+
+def build_plan(model_info: dict, budget: float | None = None, allocation: str = "uniform",
+               policy: str = "topk", k_base: int = 1, profile=None, model=None, calib_batches=None,
+               exact_budget: bool = False, notes: str = "") -> Plan:
+    """The plan of one (allocation, policy, budget) setting: what ``allocmoe plan`` writes.
+
+    ``allocation``: alloc_l / lexi (need ``profile``, a ``profiling.Profile`` measured with that
+    method on this model), uniform, ascending or descending. ``budget``: global B (None: full).
+    ``policy``: the token policy of every layer; ``top_p`` / ``naee_skip`` calibrate per-layer
+    thresholds on ``calib_batches`` through ``model`` (integrated; its policies are left at
+    full budget afterwards). ``exact_budget``: alloc_l spends exactly B.
+    """
+    from .allocation import allocation_for
+
+    L, K = model_info["num_moe_layers"], model_info["top_k"]
+    if profile is not None:
+        mine = {k: model_info[k] for k in IDENTITY_KEYS}
+        theirs = {k: profile.model.get(k) for k in IDENTITY_KEYS}
+        if theirs != mine:
+            raise PlanMismatchError(f"profile was measured on another model ({theirs}), this one is {mine}")
+    if allocation in ("alloc_l", "lexi"):
+        if profile is None:
+            raise ValueError(f"allocation {allocation!r} needs a profile (measured with method {allocation!r})")
+        if profile.method != allocation:
+            raise ValueError(f"allocation {allocation!r} needs a profile measured with method {allocation!r}, "
+                             f"got a {profile.method!r} profile")
+    B = float(L * K) if budget is None else budget
+    matrix = profile.tensor().numpy() if allocation in ("alloc_l", "lexi") else None
+    ks = allocation_for(allocation, B, L, K, matrix, exact=exact_budget)
+    thresholds = None
+    if policy in ("top_p", "naee_skip"):
+        if model is None or calib_batches is None:
+            raise ValueError(f"policy {policy!r} calibrates its thresholds: give model and calib_batches")
+        from . import integration
+        from .policies import calibrate_model
+
+        calibrated = calibrate_model(model, calib_batches, policy, ks)
+        integration.set_policies(model, None)
+        thresholds = [p.threshold for p in calibrated]
+    return make_plan(model_info, ks, kind=policy, k_base=k_base, thresholds=thresholds, allocation=allocation,
+                     profile=profile, notes=notes or f"budget={B:g} allocation={allocation} policy={policy}")
