@@ -141,6 +141,10 @@ def test_bench_passes_its_arguments_through(tmp_path, monkeypatch):
     script = tmp_path / "bench" / "bench_layer.py"
     script.parent.mkdir()
     script.write_text("import json, sys\n"
+                      "from dataclasses import dataclass\n"
+                      "@dataclass(frozen=True)\n"  # needs the module registered while it loads
+                      "class Shape:\n"
+                      "    n: int\n"
                       "def main(argv=None):\n"
                       f"    open({str(tmp_path / 'argv.json')!r}, 'w').write(json.dumps(argv))\n"
                       "    return 3\n")

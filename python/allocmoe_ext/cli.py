@@ -250,11 +250,13 @@ def cmd_bench(argv: list[str]) -> int:
     spec = importlib.util.spec_from_file_location("allocmoe_bench_layer", path)
     module = importlib.util.module_from_spec(spec)
     sys.path.insert(0, os.path.dirname(path))  # the benchmark imports its sibling modules
+    sys.modules[spec.name] = module  # dataclasses in the script look their module up here
     try:
         spec.loader.exec_module(module)
         rc = module.main(argv)
     finally:
         sys.path.remove(os.path.dirname(path))
+        sys.modules.pop(spec.name, None)
     return int(rc or 0)
 
 
