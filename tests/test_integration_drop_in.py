@@ -24,43 +24,59 @@ def arch(request):
 
 
 @torch.no_grad()
-def test_full_budget_logits_equal_unpatched(arch):
+def test_full_budget_equals_unpatched_and_restore_undoes(arch):
     model = tiny_model(arch)
+    originals = [layer.mlp for layer in model.model.layers]
     ids = _input_ids()
     # Left padding exercises the attention mask path as generate uses it.
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
+    gen = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     expected = model(ids, attention_mask=mask).logits
-    apply(model)
-    got = model(ids, attention_mask=mask).logits
-    torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    expected_tokens = model.generate(ids[:, :5], **gen)
 
-
-@torch.no_grad()
-def test_only_moe_blocks_are_replaced(arch):
-    model = tiny_model(arch)
-    originals = [layer.mlp for layer in model.model.layers]
-    apply(model)
+    assert apply(model) is model
     dense = DENSE_LAYERS.get(arch, [])
     for i, (layer, original) in enumerate(zip(model.model.layers, originals)):
-        if i in dense:
+        if i in dense:  # dense layers are left alone
             assert layer.mlp is original and not isinstance(layer.mlp, AllocMoE)
         else:
             assert isinstance(layer.mlp, AllocMoE) and layer.mlp.layer_index == i
             assert layer.mlp.original_block is original
     assert [b.layer_index for b in moe_layers(model)] == [i for i in range(len(originals)) if i not in dense]
+    torch.testing.assert_close(model(ids, attention_mask=mask).logits, expected, atol=ATOL, rtol=0)
+    tokens = model.generate(ids[:, :5], **gen)
+    assert tokens.shape == (2, 9) and torch.equal(tokens, expected_tokens)
+
+    assert restore(model) is model
+    assert all(layer.mlp is original for layer, original in zip(model.model.layers, originals))
+    assert not any(isinstance(m, AllocMoE) for m in model.modules())
+    torch.testing.assert_close(model(ids, attention_mask=mask).logits, expected, atol=0, rtol=0)
 
 
 @torch.no_grad()
-def test_generate_equals_unpatched(arch):
+def test_block_matches_the_original_block(arch):
+    """Block level: the router logits, and forward including the return convention
+    (GPT-OSS returns (hidden, router_scores))."""
     model = tiny_model(arch)
-    ids = _input_ids(batch=2, seq=5)
-    kwargs = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
-    expected = model.generate(ids, **kwargs)
     apply(model)
-    got = model.generate(ids, **kwargs)
-    assert got.shape == (2, 9)
-    assert torch.equal(got, expected)
+    tokens = torch.randn(5, model.config.hidden_size)
+    hidden = torch.randn(2, 6, model.config.hidden_size)
+    for block in moe_layers(model):
+        router = block.router if arch == "gpt_oss" else block.gate
+        torch.testing.assert_close(block.router_logits(tokens), router(tokens)[0], atol=0, rtol=0)
+        assert block.spec.num_experts == router.num_experts and block.spec.top_k == router.top_k
+
+        expected = block.original_block(hidden)
+        got = block(hidden)
+        if arch == "gpt_oss":
+            assert isinstance(got, tuple) and len(got) == 2
+            torch.testing.assert_close(got[0], expected[0], atol=ATOL, rtol=0)
+            # The original's scores are in its top-k order; compare per token as sorted sets.
+            torch.testing.assert_close(got[1].sort(-1).values, expected[1].sort(-1).values, atol=ATOL, rtol=0)
+        else:
+            assert isinstance(got, torch.Tensor) and got.shape == hidden.shape
+            torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
 @torch.no_grad()
@@ -85,49 +101,6 @@ def test_state_dict_round_trips(arch):
     fresh = tiny_model(arch, seed=3)
     fresh.load_state_dict(model.state_dict(), strict=True)
     torch.testing.assert_close(fresh(ids).logits, expected, atol=ATOL, rtol=0)
-
-
-@torch.no_grad()
-def test_restore_gives_back_the_original_blocks(arch):
-    model = tiny_model(arch)
-    originals = [layer.mlp for layer in model.model.layers]
-    ids = _input_ids()
-    expected = model(ids).logits
-    apply(model)
-    assert restore(model) is model
-    assert all(layer.mlp is original for layer, original in zip(model.model.layers, originals))
-    assert not any(isinstance(m, AllocMoE) for m in model.modules())
-    torch.testing.assert_close(model(ids).logits, expected, atol=0, rtol=0)
-
-
-@torch.no_grad()
-def test_router_logits_match_the_models_router(arch):
-    model = tiny_model(arch)
-    apply(model)
-    hidden = torch.randn(5, model.config.hidden_size)
-    for block in moe_layers(model):
-        router = block.router if arch == "gpt_oss" else block.gate
-        torch.testing.assert_close(block.router_logits(hidden), router(hidden)[0], atol=0, rtol=0)
-        assert block.spec.num_experts == router.num_experts and block.spec.top_k == router.top_k
-
-
-@torch.no_grad()
-def test_block_forward_matches_the_original_block(arch):
-    """Block level, including the return convention (GPT-OSS returns (hidden, router_scores))."""
-    model = tiny_model(arch)
-    hidden = torch.randn(2, 6, model.config.hidden_size)
-    apply(model)
-    for block in moe_layers(model):
-        expected = block.original_block(hidden)
-        got = block(hidden)
-        if arch == "gpt_oss":
-            assert isinstance(got, tuple) and len(got) == 2
-            torch.testing.assert_close(got[0], expected[0], atol=ATOL, rtol=0)
-            # The original's scores are in its top-k order; compare per token as sorted sets.
-            torch.testing.assert_close(got[1].sort(-1).values, expected[1].sort(-1).values, atol=ATOL, rtol=0)
-        else:
-            assert isinstance(got, torch.Tensor) and got.shape == hidden.shape
-            torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
 
 
 @torch.no_grad()
