@@ -150,3 +150,16 @@ def _experts_samples():
 def test_experts_opcheck(sample):
     args, kwargs = sample
     torch.library.opcheck(torch.ops.allocmoe.experts.default, args, kwargs)
+
+
+def test_parameters_requiring_grad_are_accepted():
+    """Model weights are nn.Parameters (requires_grad) even at inference; the op must run on them
+    (it has no autograd formula: its outputs are for inference)."""
+    gen = torch.Generator().manual_seed(9)
+    (hidden, gate_up, down, weights, ids), extra = make_problem(33, 16, 8, 64, 6, torch.float32, gen, biases=True)
+    params = [t.clone().requires_grad_() for t in (hidden, gate_up, down, extra["gate_up_bias"], extra["down_bias"])]
+    got = ops.experts(params[0], params[1], params[2], weights, ids, gate_up_bias=params[3], down_bias=params[4])
+    want = ops.experts(hidden, gate_up, down, weights, ids, **extra)
+    torch.testing.assert_close(got.detach(), want)
+    w, i = ops.route(torch.randn(33, 64, generator=gen).requires_grad_(), 6, 3.0)
+    assert i.dtype == torch.int32 and w.shape == (33, 6)

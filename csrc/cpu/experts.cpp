@@ -31,6 +31,10 @@ at::Tensor experts_cpu(const at::Tensor& hidden, const at::Tensor& gate_up, cons
                        double swiglu_alpha, double swiglu_limit) {
   const Activation activation = check_experts_args(hidden, gate_up, down, weights, ids, gate_up_bias, down_bias,
                                                    std::string_view(activation_name.data(), activation_name.size()));
+  // An inference kernel: the ATen ops inside must not record autograd history even when the
+  // model's weights require grad (the op itself has no autograd formula). Worker threads of
+  // at::parallel_for do not inherit this thread-local guard, so each one sets it again.
+  at::AutoDispatchBelowADInplaceOrView no_autograd;
   const int64_t T = hidden.size(0), H = hidden.size(1), E = gate_up.size(0), K = ids.size(1);
   const at::ScalarType dtype = hidden.scalar_type();
 
@@ -65,6 +69,7 @@ at::Tensor experts_cpu(const at::Tensor& hidden, const at::Tensor& gate_up, cons
   at::Tensor y_rows = at::empty({start[E], H}, hidden.options().dtype(at::kFloat));
   const at::Tensor hidden_f = hidden.to(at::kFloat);
   at::parallel_for(0, E, 1, [&](int64_t e_begin, int64_t e_end) {
+    at::AutoDispatchBelowADInplaceOrView no_autograd_in_worker;
     for (int64_t e = e_begin; e < e_end; ++e) {
       const int64_t n = start[e + 1] - start[e];
       if (n == 0) continue;

@@ -149,6 +149,7 @@ std::tuple<at::Tensor, at::Tensor> route_cpu(const at::Tensor& router_logits, in
   const Scoring scoring = check_route_args(router_logits, top_k, budget, k_base,
                                            std::string_view(scoring_name.data(), scoring_name.size()),
                                            correction_bias, n_group, topk_group);
+  at::AutoDispatchBelowADInplaceOrView no_autograd;  // inference op: record no history
   const int64_t T = router_logits.size(0);
   const at::Tensor logits = router_logits.to(at::kFloat).contiguous();
   TORCH_CHECK(at::isfinite(logits).all().item<bool>(), "allocmoe.route: router_logits contains NaN or Inf");
