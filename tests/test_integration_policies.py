@@ -180,3 +180,13 @@ def test_bf16_model_runs_and_follows_fp32_closely(arch):
     assert got.dtype == torch.bfloat16
     assert (got.float() - expected).abs().max() < 0.1
     assert activation_stats(model) == [2.0 if arch == "gpt_oss" else 3.0] * 2
+
+
+def test_forward_under_grad_mode_runs():
+    """Evaluation code often forgets no_grad: the patched model must still run (inference only)."""
+    model = tiny_model("olmoe")
+    ids = _input_ids()
+    with torch.no_grad():
+        expected = model(ids).logits
+    apply(model)
+    torch.testing.assert_close(model(ids).logits.detach(), expected, atol=1e-5, rtol=0)

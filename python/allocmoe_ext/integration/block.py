@@ -49,6 +49,8 @@ def check_policy(policy: TokenPolicy, spec: RoutingSpec, layer_index: int) -> To
 class AllocMoE(nn.Module):
     """A transformers MoE block routed by a per-layer ``TokenPolicy`` through ``torch.ops.allocmoe``.
 
+    Inference only: no gradient flows through the routing and the routed experts.
+
     Attributes: ``spec`` (the model's own routing), ``policy`` (how many experts, chosen how),
     ``layer_index`` (the decoder layer's index in the model), and two non-persistent counters,
     ``kept_slots`` and ``routed_tokens``, accumulated on the block's device at every forward.
@@ -146,12 +148,14 @@ class AllocMoE(nn.Module):
     def forward(self, hidden_states: torch.Tensor):
         shape = hidden_states.shape
         hidden = hidden_states.reshape(-1, shape[-1])
-        logits, weights, ids = self.route(hidden)
-        # Realised activations, counted on device: no host sync per forward.
+        # Inference only: the ops have no backward, so route and experts run without autograd
+        # (a forward under grad mode works; no gradient flows through the routed experts).
         with torch.no_grad():
+            logits, weights, ids = self.route(hidden)
+            # Realised activations, counted on device: no host sync per forward.
             self.kept_slots.add_((ids >= 0).sum())
             self.routed_tokens.add_(hidden.shape[0])
-        out = ops.experts(hidden, weights=weights, ids=ids, **self._expert_operands())
+            out = ops.experts(hidden, weights=weights, ids=ids, **self._expert_operands())
         shared = self._shared_output(hidden)
         if shared is not None:
             out = out + shared
