@@ -9,6 +9,7 @@ experts live, how the router computes its logits and what the block returns.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -46,6 +47,38 @@ def check_policy(policy: TokenPolicy, spec: RoutingSpec, layer_index: int) -> To
     return policy
 
 
+FUSED_MODES = ("auto", "always", "never")
+# "auto" fuses calls of at most this many tokens on CUDA (decode), where the op is one launch.
+FUSED_MAX_TOKENS = 16
+
+
+@functools.lru_cache(maxsize=None)
+def _has_moe_kernel(device_type: str) -> bool:
+    """Whether the fused ``moe`` op exists and has a kernel for this device type."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return (getattr(ops, "moe", None) is not None and key is not None
+            and torch._C._dispatch_has_kernel_for_dispatch_key("allocmoe::moe", key))
+
+
+def fused_route_args(spec: RoutingSpec, policy: TokenPolicy) -> tuple[int, float, int]:
+    """(top_k, budget, k_base) of the route inside the fused ``moe`` op that selects exactly what
+    ``policies.route_tokens`` selects for a topk/alloc_t policy (the fused op returns no ids, so
+    the arguments must be derived here; tests check the two paths agree)."""
+    budget = policy.effective_budget(spec.top_k)
+    if policy.kind == "alloc_t":
+        return spec.top_k, min(max(budget, float(policy.k_base)), float(spec.top_k)), policy.k_base
+    # topk with fractional K_l: floor(K_l) each plus the next candidate for the best tokens,
+    # i.e. Alloc-T over the top-ceil(K_l) candidates (see policies.route_tokens).
+    k_base = min(math.floor(budget + _BUDGET_TOL), spec.top_k)
+    k_ceil = min(max(math.ceil(budget - _BUDGET_TOL), 1), spec.top_k)
+    return k_ceil, min(max(budget, float(k_base)), float(spec.top_k)), min(k_base, k_ceil)
+
+
+def kept_slot_count(tokens: int, top_k: int, budget: float, k_base: int) -> int:
+    """Slots the route op keeps for ``tokens`` tokens (docs/OPS.md: round half up, clamped)."""
+    return min(max(math.floor(budget * tokens + 0.5), k_base * tokens), top_k * tokens)
+
+
 class AllocMoE(nn.Module):
     """A transformers MoE block routed by a per-layer ``TokenPolicy`` through ``torch.ops.allocmoe``.
 
@@ -79,6 +112,10 @@ class AllocMoE(nn.Module):
         self.register_buffer("kept_slots", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         self.register_buffer("routed_tokens", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         self.policy = policy if policy is not None else TokenPolicy()
+        # When router + route + routed experts run as the one fused ``moe`` op (topk/alloc_t
+        # policies, SiLU experts, router without bias): "auto" = on CUDA for calls of at most
+        # FUSED_MAX_TOKENS tokens, "always", "never". Same selection as the unfused path.
+        self.fused = "auto"
 
     # ----- construction -------------------------------------------------------------------
     @staticmethod
@@ -128,6 +165,18 @@ class AllocMoE(nn.Module):
         """The router's selection-score bias (DeepSeek-V3), fp32 [E], or None."""
         return None
 
+    def _fusable_router_weight(self) -> torch.Tensor | None:
+        """The router weight [E, H] if the fused op computes this router's logits, else None."""
+        return None
+
+    def _use_fused(self, hidden: torch.Tensor) -> bool:
+        if self.fused not in FUSED_MODES:
+            raise ValueError(f"fused must be one of {FUSED_MODES}, got {self.fused!r}")
+        if (self.fused == "never" or self.policy.kind not in ("topk", "alloc_t")
+                or self._fusable_router_weight() is None or not _has_moe_kernel(hidden.device.type)):
+            return False
+        return self.fused == "always" or (hidden.is_cuda and hidden.shape[0] <= FUSED_MAX_TOKENS)
+
     def _expert_operands(self) -> dict:
         """Keyword arguments of ops.experts besides hidden/weights/ids (silu experts by default)."""
         return dict(gate_up=self.experts.gate_up_proj, down=self.experts.down_proj)
@@ -151,15 +200,33 @@ class AllocMoE(nn.Module):
         # Inference only: the ops have no backward, so route and experts run without autograd
         # (a forward under grad mode works; no gradient flows through the routed experts).
         with torch.no_grad():
-            logits, weights, ids = self.route(hidden)
-            # Realised activations, counted on device: no host sync per forward.
-            self.kept_slots.add_((ids >= 0).sum())
+            if self._use_fused(hidden):
+                out = self._fused_routed_experts(hidden)
+                weights = logits = None  # only GPT-OSS returns them, and it is never fused
+            else:
+                logits, weights, ids = self.route(hidden)
+                # Realised activations, counted on device: no host sync per forward.
+                self.kept_slots.add_((ids >= 0).sum())
+                out = ops.experts(hidden, weights=weights, ids=ids, **self._expert_operands())
             self.routed_tokens.add_(hidden.shape[0])
-            out = ops.experts(hidden, weights=weights, ids=ids, **self._expert_operands())
         shared = self._shared_output(hidden)
         if shared is not None:
             out = out + shared
         return self._outputs(out.reshape(shape), weights, logits)
+
+    def _fused_routed_experts(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Router, route and routed experts in one ``moe`` op call. Shared experts stay with the
+        model's modules (stacking them for the op would copy their weights)."""
+        spec = self.spec
+        top_k, budget, k_base = fused_route_args(spec, self.policy)
+        # The kept count is known from the arguments alone (docs/OPS.md): add it without a sync.
+        self.kept_slots.add_(kept_slot_count(hidden.shape[0], top_k, budget, k_base))
+        operands = self._expert_operands()
+        return ops.moe(
+            hidden, self._fusable_router_weight(), operands["gate_up"], operands["down"], top_k, budget,
+            k_base=k_base, scoring=spec.scoring, correction_bias=self.correction_bias, n_group=spec.n_group,
+            topk_group=spec.topk_group, norm_topk_prob=spec.norm_topk_prob,
+            routed_scaling_factor=spec.routed_scaling_factor)
 
     def extra_repr(self) -> str:
         return f"layer_index={self.layer_index}, spec={self.spec}, policy={self.policy}"
@@ -192,6 +259,9 @@ class DeepseekAllocMoE(AllocMoE):
         # As the model's router: logits in fp32 whatever the model dtype.
         return F.linear(hidden.float(), self.gate.weight.float())
 
+    def _fusable_router_weight(self):
+        return self.gate.weight  # the fused op computes fp32 logits, as this router does
+
     @property
     def correction_bias(self):
         bias = getattr(self.gate, "e_score_correction_bias", None)
@@ -218,6 +288,11 @@ class SoftmaxTopkAllocMoE(AllocMoE):
 
     def router_logits(self, hidden):
         return F.linear(hidden, self.gate.weight)
+
+    def _fusable_router_weight(self):
+        # The fused op computes the logits in fp32; this router computes them in the model dtype,
+        # so in bf16/fp16 the two paths may differ by the logits' rounding.
+        return self.gate.weight
 
     def forward(self, hidden_states):
         # Mixtral's training-time router jitter, as the original block applies it.
