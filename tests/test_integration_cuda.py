@@ -45,3 +45,17 @@ def test_block_forward_does_not_sync(arch):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert activation_stats(model)[0] == 1.5
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "qwen2_moe", "mixtral"])
+@torch.no_grad()
+def test_fused_decode_path_equals_unfused_on_cuda(arch):
+    """At decode sizes "auto" runs the fused moe op (when it has a CUDA kernel); it must agree
+    with route + experts."""
+    model = apply(tiny_model(arch).cuda(), TokenPolicy("alloc_t", budget=1.5))
+    hidden = torch.randn(4, 1, model.config.hidden_size, device="cuda")
+    for block in moe_layers(model):
+        block.fused = "never"
+        expected = block(hidden)
+        block.fused = "auto"
+        torch.testing.assert_close(block(hidden), expected, atol=1e-4, rtol=0)
