@@ -206,3 +206,100 @@ def _experts_fake(
     for name, t in others:
         _check(t.device == hidden.device, f"allocmoe.experts: {name} is on {t.device} but hidden is on {hidden.device}")
     return hidden.new_empty((T, H))
+
+
+# =================================================================================================
+# moe: one MoE layer (router GEMV, route with Alloc-T, routed experts, shared experts).
+# Owned by the CUDA engineer (cuda-route). CPU kernel: csrc/cpu/moe.cpp (composition of route and
+# experts); CUDA: csrc/cuda/moe_decode.cu (one fused launch for T <= 16, the composition above).
+# =================================================================================================
+
+
+def moe(
+    hidden: torch.Tensor,
+    router_weight: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    top_k: int,
+    budget: float,
+    k_base: int = 1,
+    scoring: str = "softmax",
+    correction_bias: torch.Tensor | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    norm_topk_prob: bool = False,
+    routed_scaling_factor: float = 1.0,
+    shared_gate_up: torch.Tensor | None = None,
+    shared_down: torch.Tensor | None = None,
+    shared_gate: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One MoE layer: ``[T, H]`` in hidden's dtype.
+
+    ``logits = fp32(hidden) @ fp32(router_weight).T`` is routed as :func:`route` does, the kept
+    slots go through :func:`experts` (SiLU gate/up), and the optional shared experts
+    ``shared_gate_up [S, 2I_s, H]`` / ``shared_down [S, H, I_s]`` are added as always-on experts
+    with weight 1, or ``sigmoid(hidden . shared_gate)`` per token (Qwen2-MoE) when ``shared_gate [H]``
+    is given. On CUDA, T <= 16 runs as one fused launch.
+    """
+    return torch.ops.allocmoe.moe(
+        hidden,
+        router_weight,
+        gate_up,
+        down,
+        top_k,
+        float(budget),
+        k_base=k_base,
+        scoring=scoring,
+        correction_bias=correction_bias,
+        n_group=n_group,
+        topk_group=topk_group,
+        norm_topk_prob=norm_topk_prob,
+        routed_scaling_factor=float(routed_scaling_factor),
+        shared_gate_up=shared_gate_up,
+        shared_down=shared_down,
+        shared_gate=shared_gate,
+    )
+
+
+__all__.append("moe")
+
+
+@torch.library.register_fake("allocmoe::moe")
+def _moe_fake(
+    hidden,
+    router_weight,
+    gate_up,
+    down,
+    top_k,
+    budget,
+    k_base=1,
+    scoring="softmax",
+    correction_bias=None,
+    n_group=1,
+    topk_group=1,
+    norm_topk_prob=False,
+    routed_scaling_factor=1.0,
+    shared_gate_up=None,
+    shared_down=None,
+    shared_gate=None,
+):
+    _check(hidden.dim() == 2, f"allocmoe.moe: hidden must be 2-D [T, H], got {hidden.dim()}-D")
+    T, H = hidden.shape
+    _check(
+        router_weight.dim() == 2 and router_weight.shape[1] == H,
+        f"allocmoe.moe: router_weight must have shape [E, H={H}], got {tuple(router_weight.shape)}",
+    )
+    _check(
+        router_weight.dtype == hidden.dtype,
+        f"allocmoe.moe: router_weight dtype {router_weight.dtype} differs from hidden dtype {hidden.dtype}",
+    )
+    _check(
+        (shared_gate_up is None) == (shared_down is None),
+        "allocmoe.moe: shared_gate_up and shared_down must be given together",
+    )
+    _check(shared_gate is None or shared_gate_up is not None, "allocmoe.moe: shared_gate needs shared_gate_up and shared_down")
+    # Routing and expert arguments: the same checks as the route and experts fakes.
+    logits = hidden.new_empty((T, router_weight.shape[0]), dtype=torch.float32)
+    w, ids = _route_fake(logits, top_k, budget, k_base, scoring, correction_bias, n_group, topk_group)
+    _experts_fake(hidden, gate_up, down, w, ids)
+    return hidden.new_empty((T, H))
