@@ -9,7 +9,9 @@
 //   2. down: CTA (h tile, j) computes 16 rows of down[e] @ act[slot] for the same pairs, times the
 //      routing weight, into y[slot, H] (fp32). The last CTA to finish an h tile (a counter per
 //      tile) sums y over each token's slots in slot order and writes the output rows: the sum
-//      is deterministic, with no atomics on data and no third launch.
+//      is deterministic, with no atomics on data and no third launch. On sm_90 the down grid is
+//      a programmatic dependent launch: it starts while gate_up drains, finds its expert and
+//      issues its first weight loads, then waits (griddepcontrol.wait) before reading act.
 // Grids are sized by the worst case (min(E, T*K) used experts); CTAs past the number of used
 // experts exit at once, so nothing depends on the host knowing the routing (no sync, graph-safe).
 //
@@ -124,7 +126,7 @@ __device__ __forceinline__ ExpertSlots find_expert_slots(const int* __restrict__
 template <int NT>
 constexpr int gate_up_unroll() { return NT == 1 ? 4 : (NT <= 4 ? 2 : 1); }
 template <int NT>
-constexpr int down_unroll() { return NT <= 2 ? 4 : (NT == 4 ? 2 : 1); }
+constexpr int down_unroll() { return NT == 1 ? 6 : (NT == 2 ? 4 : 2); }
 
 // One m16 x n8 x k32 step (two mma.sync) with the permuted-k fragments described at the top.
 template <typename T>
@@ -157,18 +159,39 @@ __device__ __forceinline__ void gate_up_step(float (&ag)[NT][4], float (&au)[NT]
     }
 }
 
-// U chunks of the down product.
+// Waits for the gate_up launch before it (programmatic dependent launch: this grid may start
+// while that one drains; everything before the wait must not read act). No-op before sm_90.
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_next_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::);
+#endif
+}
+
+// U chunks of the down product; chunks at or past nchunks contribute zero. The weight loads
+// are issued before the wait for the gate_up grid, the act loads after it.
 template <typename T, int NT, int U>
 __device__ __forceinline__ void down_step(float (&acc)[NT][4], const T* wd0, const T* wd8,
-                                          const T* const (&arow)[NT], int kc) {
+                                          const T* const (&arow)[NT], int kc, int nchunks) {
   uint4 A[U][2], B[U][NT];
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
 #pragma unroll
   for (int u = 0; u < U; ++u) {
-    const size_t off = (size_t)(kc + u * kDecodeWarps) * 32;
-    A[u][0] = load_stream16(wd0 + off);
-    A[u][1] = load_stream16(wd8 + off);
+    const int k = kc + u * kDecodeWarps;
+    const size_t off = (size_t)k * 32;
+    A[u][0] = k < nchunks ? load_stream16(wd0 + off) : zero;
+    A[u][1] = k < nchunks ? load_stream16(wd8 + off) : zero;
+  }
+  wait_for_previous_grid();
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) B[u][nt] = load_cached16(arow[nt] + off);
+  for (int u = 0; u < U; ++u) {
+    const int k = kc + u * kDecodeWarps;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) B[u][nt] = k < nchunks ? load_cached16(arow[nt] + (size_t)k * 32) : zero;
   }
 #pragma unroll
   for (int u = 0; u < U; ++u)
@@ -194,6 +217,9 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_gate_up_kernel(DecodePa
   // (stream order makes this visible to it), so no memset launch is needed.
   if (blockIdx.x == 0 && blockIdx.y == 0)
     for (int i = tid; i < p.H / kDecodeRows; i += kDecodeThreads) p.counters[i] = 0;
+  // The down grid may start now (its CTAs find their expert and stream weights while this grid
+  // drains); it waits for this grid's completion before it reads act or touches the counters.
+  allow_next_grid();
 
   const ExpertSlots es = find_expert_slots(p.ids, p.T * p.K, p.E, blockIdx.y, s_mask, s_misc, s_slots);
   if (es.expert < 0) return;
@@ -274,6 +300,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_down_kernel(DecodeParam
 
   const ExpertSlots es = find_expert_slots(p.ids, p.T * K, p.E, blockIdx.y, s_mask, s_misc, s_slots);
   if (es.expert < 0) {
+    wait_for_previous_grid();
     if (es.nused == 0 && blockIdx.y == 0)  // no slot routed anywhere: the output is zero
       for (int idx = tid; idx < p.T * kDecodeRows; idx += kDecodeThreads)
         out[(size_t)(idx / kDecodeRows) * H + h0 + idx % kDecodeRows] = Mma16<T>::from_float(0.f);
@@ -300,10 +327,10 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_down_kernel(DecodeParam
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
 
-    int kc = warp;
-    for (; kc + (UNR - 1) * kDecodeWarps < nchunks; kc += UNR * kDecodeWarps)
-      down_step<T, NT, UNR>(acc, wd0, wd8, arow, kc);
-    for (; kc < nchunks; kc += kDecodeWarps) down_step<T, NT, 1>(acc, wd0, wd8, arow, kc);
+    // Groups of UNR chunks, the last one masked: for I = 1408 every warp needs one group of 6.
+    for (int kc = warp; kc < nchunks; kc += UNR * kDecodeWarps)
+      down_step<T, NT, UNR>(acc, wd0, wd8, arow, kc, nchunks);
+    wait_for_previous_grid();  // warps with no chunk still must not run ahead of gate_up
 
     float* my = red + (size_t)warp * NT * 8 * kDownRedStride;
 #pragma unroll
