@@ -190,7 +190,7 @@ __device__ __forceinline__ unsigned long long pool_key(const uint32_t* cand_key,
 // Finds the Alloc-T threshold over the pool of a.T * (K - k_base) extra candidates with the
 // calling block (any blockDim that is a multiple of 32). cand_key [T, K] may be in shared or
 // global memory; it must be complete and visible to the block on entry.
-__device__ Threshold block_alloc_threshold(const uint32_t* cand_key, const RouteArgs& a) {
+__device__ inline Threshold block_alloc_threshold(const uint32_t* cand_key, const RouteArgs& a) {
   __shared__ unsigned int hist[256];
   __shared__ unsigned long long s_prefix;
   __shared__ long long s_need;
