@@ -29,7 +29,7 @@ __global__ void __launch_bounds__(1024) route_small_kernel(const in_t* __restric
                                                            float* __restrict__ weights, int32_t* __restrict__ ids) {
   extern __shared__ uint32_t smem[];
   uint32_t* cand_key = smem;  // [T, K]
-  uint32_t* scratch = smem + a.T * a.K;
+  uint32_t* scratch = smem + ((a.T * a.K + 3) & ~3);  // 16-byte aligned
   const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int words = route_scratch_words(a.E, a.n_group);
   // Candidates go straight into the outputs (ids, p in weights); finalize rewrites them.
@@ -82,7 +82,7 @@ void launch_route(const at::Tensor& logits, const RouteArgs& a, at::Tensor& weig
   const long long slots = static_cast<long long>(a.T) * a.K;
   if (a.T <= kSmallMaxTokens && slots <= kSmallMaxSlots) {
     // Enough warps to score the tokens in one or two rounds, within the shared-memory budget.
-    const int fixed = static_cast<int>(slots) * 4;
+    const int fixed = static_cast<int>((slots + 3) & ~3ll) * 4;
     int nwarps = std::min(32, std::max(1, (kSmallMaxSmem - fixed) / (words * 4)));
     nwarps = std::min(nwarps, std::max(4, a.T));
     const size_t smem = fixed + static_cast<size_t>(nwarps) * words * 4;

@@ -35,7 +35,8 @@ struct RouteArgs {
 };
 
 // Per-warp scratch words that score_token_warp needs (keys padded to a multiple of 4, groups).
-__host__ __device__ inline int route_scratch_words(int E, int n_group) { return ((E + 3) & ~3) + n_group; }
+// A multiple of 4 words, so every warp's keys start 16-byte aligned (they are read as uint4).
+__host__ __device__ inline int route_scratch_words(int E, int n_group) { return ((E + 3) & ~3) + ((n_group + 3) & ~3); }
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
