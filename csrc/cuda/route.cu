@@ -109,8 +109,6 @@ RouteArgs make_route_args(const at::Tensor& logits, int64_t top_k, double budget
                           const at::Tensor& bias, int64_t n_group, int64_t topk_group, bool norm_topk_prob,
                           double routed_scaling_factor) {
   const int64_t T = logits.size(0), E = logits.size(1);
-  TORCH_CHECK(E <= kMaxExpertsCuda, "allocmoe.route: router_logits has E=", E, " experts; the CUDA kernel supports E <= ",
-              kMaxExpertsCuda);
   TORCH_CHECK(T * top_k < (int64_t{1} << 31), "allocmoe.route: T * top_k = ", T * top_k, " is too large");
   const bool grouped = is_group_scoring(scoring);
   RouteArgs a{};
@@ -138,6 +136,8 @@ std::tuple<at::Tensor, at::Tensor> route_cuda(const at::Tensor& router_logits, i
   const Scoring scoring =
       check_route_args(router_logits, top_k, budget, k_base, std::string_view(scoring_name.data(), scoring_name.size()),
                        correction_bias, n_group, topk_group);
+  TORCH_CHECK(router_logits.size(1) <= 256, "allocmoe.route: router_logits has E=", router_logits.size(1),
+              " experts; the CUDA kernel supports E <= 256");
   const c10::cuda::CUDAGuard guard(router_logits.device());
   const int64_t T = router_logits.size(0);
   const at::Tensor logits = router_logits.contiguous();

@@ -232,6 +232,7 @@ __device__ inline Threshold block_alloc_threshold(const uint32_t* cand_key, cons
       }
       long long above = incl - local;
       const long long need = s_need;
+      __syncwarp();  // every lane has read s_need before one lane rewrites it
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
         if (above < need && need <= above + h[j]) {
