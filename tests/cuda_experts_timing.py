@@ -107,10 +107,12 @@ def main():
     gu = (torch.randn(E, 2 * I, H, generator=gen) / H**0.5).bfloat16().cuda()
     dn = (torch.randn(E, H, I, generator=gen) / I**0.5).bfloat16().cuda()
     print(f"{torch.cuda.get_device_name()}: copy {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s")
-    cases = [(1, 6), (1, 3), (4, 6), (16, 6), (64, 6), (128, 6), (256, 6), (1024, 6), (4096, 6)]
+    cases = [(1, 6), (1, 3), (4, 6), (16, 6), (32, 6), (64, 6), (128, 6), (256, 6), (512, 6), (1024, 6), (4096, 6)]
+    forced = {4: ["skinny"], 16: ["skinny"], 32: ["skinny"], 64: ["decode", "prefill"], 256: ["decode", "prefill"],
+              512: ["skinny", "prefill"], 1024: ["skinny"]}
     rows = []
     for T, K in cases:
-        paths = ["auto"] + (["decode", "prefill"] if 64 <= T <= 1024 else [])
+        paths = ["auto"] + forced.get(T, [])
         for path in paths:
             us, touched, err = time_case(T, K, path, gu, dn, gen)
             bw_floor = touched * EXPERT_BYTES / bw * 1e6
@@ -118,6 +120,7 @@ def main():
             floor = max(bw_floor, mm_floor)
             rows.append(dict(T=T, K=K, path=path, us=us, touched=touched, bw_floor_us=bw_floor, mm_floor_us=mm_floor,
                              x_floor=us / floor, rel_err=err))
+    os.environ["ALLOCMOE_EXPERTS_PATH"] = "auto"
     print(f"{'T':>5} {'K':>2} {'path':>8} {'touched':>7} {'time us':>8} {'bw floor':>8} {'mm floor':>8} "
           f"{'x floor':>7} {'% floor':>7} {'rel err':>8}")
     for r in rows:

@@ -1,16 +1,20 @@
 // CUDA implementation of torch.ops.allocmoe.experts (contract: docs/OPS.md).
 //
-// Three paths, chosen on the host from shapes only (never from the routing data, so no sync):
+// Four paths, chosen on the host from shapes only (never from the routing data, so no sync):
 //   - decode (experts_decode.cuh): T <= kDecodeMaxTokens on the standard case (bf16/fp16, silu,
 //     no biases, contiguous weights, H and I multiples of 32); streams each used expert's
 //     weights once over the whole GPU; memory-bound, aims at the bandwidth floor.
+//   - skinny (experts_skinny.cuh): mid T (a few dozen tokens per expert on average) on the
+//     standard case; weights on the wide MMA side, each expert's tokens on the narrow side,
+//     every expert's weights streamed once; memory-bound.
 //   - prefill (experts_prefill.cuh): larger T on the standard case; device-side alignment and
-//     two grouped tensor-core GEMMs.
+//     two grouped tensor-core GEMMs with 128-token tiles.
 //   - generic (below): everything else (fp32, swiglu_oai, biases, any strides); one thread per
 //     output element, simple and correct, not fast.
-// The environment variable ALLOCMOE_EXPERTS_PATH=decode|prefill|generic forces a path (read on
-// every call; tests use it to run every path at every T). A forced fast path on a non-standard
-// case falls back to generic; a forced decode past its slot limit falls back to prefill.
+// The environment variable ALLOCMOE_EXPERTS_PATH=decode|skinny|prefill|generic forces a path
+// (read on every call; tests use it to run every path at every T). A forced fast path on a
+// non-standard case falls back to generic; a forced decode or skinny past its slot limit falls
+// back to prefill.
 // All paths are deterministic run to run (fixed summation orders, no floating-point atomics).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -19,14 +23,17 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <climits>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
+#include <string>
 #include <string_view>
 
 #include "common/arg_checks.h"
 #include "experts_decode.cuh"
 #include "experts_prefill.cuh"
+#include "experts_skinny.cuh"
 #include "validation.h"
 
 namespace allocmoe {
@@ -34,12 +41,22 @@ namespace cuda_experts {
 namespace {
 
 // Largest T that takes the decode path in auto mode (measured on H100 at the DeepSeek-V2-Lite
-// shape: prefill is faster from T=64 on, docs/KERNELS.md), and the largest T*K it can take at
-// all (its slot list lives in shared memory).
-constexpr int64_t kDecodeMaxTokens = 32;
+// shape: skinny is as fast at T=16 and faster from T=32 on, docs/KERNELS.md), and the largest
+// T*K it can take at all (its slot list lives in shared memory).
+constexpr int64_t kDecodeMaxTokens = 16;
 constexpr int64_t kDecodeMaxSlots = 4096;
+// Auto mode takes the skinny path above kDecodeMaxTokens while the average expert gets at most
+// this many slots (T*K/E); past it the 128-token tiles of the prefill path fill up (measured:
+// skinny 1.17x faster at 48 slots per expert, even at 96).
+constexpr int64_t kSkinnyMaxAvgSlots = 64;
 // Most experts the fast paths take (the decode bitmap and the align kernel's counters).
 constexpr int kMaxExpertsFast = 4096;
+
+// Raises c10::Error (RuntimeError in Python) with a message built by the caller (std::to_string,
+// no ostream): on the H100 machine's toolchain (GCC 13.3 in /opt/gcc), formatting an integer
+// through an ostream inside this module (what TORCH_CHECK(cond, "...", n) does) crashed the
+// process with SIGSEGV in std::ostream::_M_insert<long> instead of raising (docs/KERNELS.md).
+[[noreturn]] void fail(const std::string& msg) { TORCH_CHECK(false, msg); }
 
 // ---------------------------------------------------------------------------------------------
 // generic path
@@ -229,6 +246,44 @@ void run_decode(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor
 }
 
 template <typename Elem>
+void run_skinny(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, const at::Tensor& weights,
+                const at::Tensor& ids, at::Tensor& out, cudaStream_t stream) {
+  const int T = x.size(0), H = x.size(1), E = gate_up.size(0), I = gate_up.size(1) / 2, K = ids.size(1);
+  Scratch s;
+  const int64_t act_at = s.take((int64_t)T * K * I * x.element_size());
+  const int64_t y_at = s.take((int64_t)T * K * H * 4);
+  at::Tensor scratch = at::empty({s.bytes}, x.options().dtype(at::kByte));
+  char* base = static_cast<char*>(scratch.data_ptr());
+  const SkinnyParams p{x.data_ptr(), gate_up.data_ptr(), down.data_ptr(), weights.data_ptr<float>(), ids.data_ptr<int>(),
+                       base + act_at, reinterpret_cast<float*>(base + y_at), T, K, E, H, I};
+  static bool gate_up_done[64] = {}, down_done[64] = {};
+  const int most = SkinnySmem(static_cast<int>(kSkinnyMaxSlots)).total_bytes;
+  set_smem_limit(reinterpret_cast<const void*>(&skinny_gate_up_kernel<Elem>), most, gate_up_done);
+  set_smem_limit(reinterpret_cast<const void*>(&skinny_down_kernel<Elem>), most, down_done);
+  const int smem = SkinnySmem(T * K).total_bytes;
+  skinny_gate_up_kernel<Elem><<<dim3((I + kSkinnyGateUpCols - 1) / kSkinnyGateUpCols, E), kSkinnyThreads, smem, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // down and combine are programmatic dependent launches (captured into CUDA graphs as such):
+  // each may start while the grid before it drains and waits for it before reading its output.
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3((H + kSkinnyDownRows - 1) / kSkinnyDownRows, E);
+  cfg.blockDim = dim3(kSkinnyThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, skinny_down_kernel<Elem>, p));
+  cfg.gridDim = dim3(T);
+  cfg.blockDim = dim3(256);
+  cfg.dynamicSmemBytes = 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, combine_slots_kernel<Elem>,
+                                    CombineParams{p.y, p.ids, out.data_ptr(), T, K, E, H}));
+}
+
+template <typename Elem>
 void run_prefill(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, const at::Tensor& weights,
                  const at::Tensor& ids, at::Tensor& out, cudaStream_t stream) {
   const int T = x.size(0), H = x.size(1), E = gate_up.size(0), I = gate_up.size(1) / 2, K = ids.size(1);
@@ -265,20 +320,56 @@ void run_prefill(const at::Tensor& x, const at::Tensor& gate_up, const at::Tenso
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   prefill_down_kernel<Elem><<<dim3((H + kBN - 1) / kBN, max_tiles), kGemmThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  prefill_combine_kernel<Elem><<<T, 256, 0, stream>>>(p);
+  combine_slots_kernel<Elem><<<T, 256, 0, stream>>>(CombineParams{p.y, p.ids, p.out, T, K, E, H});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-enum class Path { kAuto, kDecode, kPrefill, kGeneric };
+// Validation of ids (only when validation is on): one single-CTA kernel finds the first flat
+// index whose id is outside [-1, E) and its value, one 8-byte copy brings them to the host (one
+// sync, no ATen reductions), and the message names the slot.
+constexpr int kCheckThreads = 1024;
+__global__ void __launch_bounds__(kCheckThreads) find_bad_id_kernel(const int* __restrict__ ids, int n, int E,
+                                                                    int* __restrict__ found) {
+  __shared__ int first;
+  if (threadIdx.x == 0) first = INT_MAX;
+  __syncthreads();
+  for (int i = threadIdx.x; i < n; i += kCheckThreads) {
+    const int e = ids[i];
+    if (e < -1 || e >= E) atomicMin(&first, i);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    found[0] = first;
+    found[1] = first == INT_MAX ? 0 : ids[first];
+  }
+}
+
+void check_ids_in_range(const at::Tensor& ids, int64_t E) {
+  const int n = static_cast<int>(ids.numel()), K = static_cast<int>(ids.size(1));
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor found = at::empty({2}, ids.options());
+  find_bad_id_kernel<<<1, kCheckThreads, 0, stream>>>(ids.data_ptr<int>(), n, static_cast<int>(E),
+                                                       found.data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  int host[2] = {INT_MAX, 0};
+  C10_CUDA_CHECK(cudaMemcpyAsync(host, found.data_ptr<int>(), sizeof(host), cudaMemcpyDeviceToHost, stream));
+  C10_CUDA_CHECK(cudaStreamSynchronize(stream));
+  if (host[0] == INT_MAX) return;
+  fail("allocmoe.experts: ids[" + std::to_string(host[0] / K) + ", " + std::to_string(host[0] % K) +
+       "] = " + std::to_string(host[1]) + " is out of range [-1, E=" + std::to_string(E) + ")");
+}
+
+enum class Path { kAuto, kDecode, kSkinny, kPrefill, kGeneric };
 
 Path forced_path() {
   const char* v = std::getenv("ALLOCMOE_EXPERTS_PATH");
   if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) return Path::kAuto;
   if (std::strcmp(v, "decode") == 0) return Path::kDecode;
+  if (std::strcmp(v, "skinny") == 0) return Path::kSkinny;
   if (std::strcmp(v, "prefill") == 0) return Path::kPrefill;
   if (std::strcmp(v, "generic") == 0) return Path::kGeneric;
-  TORCH_CHECK(false, "allocmoe.experts: ALLOCMOE_EXPERTS_PATH must be auto, decode, prefill or generic, got '", v,
-              "'");
+  fail(std::string("allocmoe.experts: ALLOCMOE_EXPERTS_PATH must be auto, decode, skinny, prefill or generic, got '") +
+       v + "'");
 }
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
@@ -304,19 +395,13 @@ at::Tensor experts_cuda(const at::Tensor& hidden, const at::Tensor& gate_up, con
   using namespace cuda_experts;
   const Activation activation =
       check_experts_args(hidden, gate_up, down, weights, ids, gate_up_bias, down_bias, activation_name);
-  TORCH_CHECK(hidden.is_cuda(), "allocmoe.experts (CUDA): hidden must be a CUDA tensor, got ", hidden.device());
+  if (!hidden.is_cuda()) fail("allocmoe.experts (CUDA): hidden must be a CUDA tensor, got " + hidden.device().str());
   const int64_t T = hidden.size(0), H = hidden.size(1), E = gate_up.size(0), K = ids.size(1);
-  TORCH_CHECK(T * K < (int64_t(1) << 31), "allocmoe.experts (CUDA): T*K must be < 2^31, got T=", T, ", K=", K);
-  // Data-dependent check (a device-to-host sync; off by default on CUDA).
-  // KNOWN BUG (H100 machine, torch 2.11): when this check fails, the process segfaults instead
-  // of raising (also with no guard or tensor alive in this frame); the other host checks of this
-  // op raise normally. tests/test_cuda_experts.py runs it in a subprocess and fails.
-  if (validation_enabled() && T * K > 0) {
-    const int64_t lo = ids.min().item<int64_t>(), hi = ids.max().item<int64_t>();
-    TORCH_CHECK(lo >= -1 && hi < E, "allocmoe.experts: ids must be in [-1, E=", E, "), got values in [", lo, ", ",
-                hi, "]");
-  }
+  if (T * K >= (int64_t(1) << 31))
+    fail("allocmoe.experts (CUDA): T*K must be < 2^31, got T=" + std::to_string(T) + ", K=" + std::to_string(K));
   const c10::cuda::CUDAGuard guard(hidden.device());
+  // Data-dependent check (a device-to-host sync; off by default on CUDA), before any launch.
+  if (validation_enabled() && T * K > 0) check_ids_in_range(ids.contiguous(), E);
   at::Tensor out = at::empty({T, H}, hidden.options());
   if (T == 0 || H == 0) return out;
   if (K == 0) return out.zero_();
@@ -327,19 +412,24 @@ at::Tensor experts_cuda(const at::Tensor& hidden, const at::Tensor& gate_up, con
   const bool fast = fast_path_ok(x, gate_up, down, gate_up_bias.has_value() || down_bias.has_value(), activation);
   Path path = Path::kGeneric;
   if (fast && forced != Path::kGeneric) {
-    const bool decode_fits = T * K <= kDecodeMaxSlots;
+    const bool decode_fits = T * K <= kDecodeMaxSlots, skinny_fits = T * K <= kSkinnyMaxSlots;
     if (forced == Path::kDecode) path = decode_fits ? Path::kDecode : Path::kPrefill;
+    else if (forced == Path::kSkinny) path = skinny_fits ? Path::kSkinny : Path::kPrefill;
     else if (forced == Path::kPrefill) path = Path::kPrefill;
-    else path = (T <= kDecodeMaxTokens && decode_fits) ? Path::kDecode : Path::kPrefill;
+    else if (T <= kDecodeMaxTokens && decode_fits) path = Path::kDecode;
+    else if (skinny_fits && T * K <= kSkinnyMaxAvgSlots * E) path = Path::kSkinny;
+    else path = Path::kPrefill;
   }
   if (path == Path::kGeneric) {
     run_generic(x, gate_up, down, w, id, gate_up_bias, down_bias, activation == Activation::kSwigluOai, swiglu_alpha,
                 swiglu_limit, out, stream);
   } else if (x.scalar_type() == at::kBFloat16) {
     if (path == Path::kDecode) run_decode<__nv_bfloat16>(x, gate_up, down, w, id, out, stream);
+    else if (path == Path::kSkinny) run_skinny<__nv_bfloat16>(x, gate_up, down, w, id, out, stream);
     else run_prefill<__nv_bfloat16>(x, gate_up, down, w, id, out, stream);
   } else {
     if (path == Path::kDecode) run_decode<__half>(x, gate_up, down, w, id, out, stream);
+    else if (path == Path::kSkinny) run_skinny<__half>(x, gate_up, down, w, id, out, stream);
     else run_prefill<__half>(x, gate_up, down, w, id, out, stream);
   }
   return out;

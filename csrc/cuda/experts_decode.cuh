@@ -128,13 +128,6 @@ constexpr int gate_up_unroll() { return NT == 1 ? 4 : (NT <= 4 ? 2 : 1); }
 template <int NT>
 constexpr int down_unroll() { return NT == 1 ? 6 : (NT == 2 ? 4 : 2); }
 
-// One m16 x n8 x k32 step (two mma.sync) with the permuted-k fragments described at the top.
-template <typename T>
-__device__ __forceinline__ void mma_k32(float (&acc)[4], const uint4& row_g, const uint4& row_g8, const uint4& b) {
-  Mma16<T>::mma(acc, row_g.x, row_g8.x, row_g.y, row_g8.y, b.x, b.y);
-  Mma16<T>::mma(acc, row_g.z, row_g8.z, row_g.w, row_g8.w, b.z, b.w);
-}
-
 // U chunks (32 k each, kDecodeWarps apart) of the gate_up product: all loads first, then the mma.
 template <typename T, int NT, int U>
 __device__ __forceinline__ void gate_up_step(float (&ag)[NT][4], float (&au)[NT][4], const T* wg0, const T* wg8,
@@ -157,19 +150,6 @@ __device__ __forceinline__ void gate_up_step(float (&ag)[NT][4], float (&au)[NT]
       mma_k32<T>(ag[nt], A[u][0], A[u][1], B[u][nt]);
       mma_k32<T>(au[nt], A[u][2], A[u][3], B[u][nt]);
     }
-}
-
-// Waits for the gate_up launch before it (programmatic dependent launch: this grid may start
-// while that one drains; everything before the wait must not read act). No-op before sm_90.
-__device__ __forceinline__ void wait_for_previous_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void allow_next_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::);
-#endif
 }
 
 // U chunks of the down product; chunks at or past nchunks contribute zero. The weight loads

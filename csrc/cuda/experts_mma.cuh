@@ -1,6 +1,7 @@
 // Small device helpers shared by the tensor-core paths of the CUDA `experts` op
-// (experts_decode.cuh, experts_prefill.cuh): 16-bit type traits, mma.sync, ldmatrix, cp.async
-// and 16-byte loads. Everything here is sm_80+ PTX (mma.sync m16n8k16, cp.async, ldmatrix).
+// (experts_decode.cuh, experts_skinny.cuh, experts_prefill.cuh): 16-bit type traits, mma.sync,
+// ldmatrix, cp.async, 16-byte loads, programmatic dependent launch and the slot combine.
+// Everything here is sm_80+ PTX (mma.sync m16n8k16, cp.async, ldmatrix; griddepcontrol sm_90).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -82,6 +83,66 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_r
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(smem_row)));
+}
+
+// One m16 x n8 x k32 step (two mma.sync) on fragments loaded straight from memory with one
+// 16-byte load per row: thread (g = lane/4, c = lane%4) holds elements 8c..8c+7 of a 32-wide k
+// chunk of A rows g and g+8 and of B column g. A dot product does not care about the order of
+// k, and A and B use the same fixed permutation of k, so the fragments need no shuffling.
+template <typename T>
+__device__ __forceinline__ void mma_k32(float (&acc)[4], const uint4& row_g, const uint4& row_g8, const uint4& b) {
+  Mma16<T>::mma(acc, row_g.x, row_g8.x, row_g.y, row_g8.y, b.x, b.y);
+  Mma16<T>::mma(acc, row_g.z, row_g8.z, row_g.w, row_g8.w, b.z, b.w);
+}
+
+// Programmatic dependent launch (sm_90): a grid launched with programmatic stream serialization
+// may start while the grid before it drains; it must call wait_for_previous_grid() before it
+// reads anything that grid writes (the wait returns once that grid has finished and its writes
+// are visible). allow_next_grid() lets the next such grid start early. No-ops before sm_90 and
+// in grids launched normally.
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_next_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::);
+#endif
+}
+
+// 16-byte shared-memory load.
+__device__ __forceinline__ uint4 load_shared16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
+
+// Final step of the prefill and skinny paths: out[t] = sum over the valid slots k of t, in slot
+// order (deterministic), of y[t*K + k] (fp32, already times the routing weight); one CTA per
+// token, 4 columns per thread per step (H % 4 == 0). Tokens with no valid slot get zeros.
+struct CombineParams {
+  const float* y;   // [T*K, H]
+  const int* ids;   // [T, K]
+  void* out;        // [T, H]
+  int T, K, E, H;
+};
+
+template <typename T>
+__global__ void __launch_bounds__(256) combine_slots_kernel(CombineParams p) {
+  wait_for_previous_grid();  // y comes from the grid before (launched as a dependent or not)
+  const int t = blockIdx.x, H = p.H, K = p.K;
+  T* out = static_cast<T*>(p.out);
+  for (int h = threadIdx.x * 4; h < H; h += 256 * 4) {
+    float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int k = 0; k < K; ++k) {
+      const int slot = t * K + k, e = p.ids[slot];
+      if (e < 0 || e >= p.E) continue;
+      const float4 v = *reinterpret_cast<const float4*>(p.y + (size_t)slot * H + h);
+      s.x += v.x;
+      s.y += v.y;
+      s.z += v.z;
+      s.w += v.w;
+    }
+    const uint2 packed = make_uint2(Mma16<T>::pack2(s.x, s.y), Mma16<T>::pack2(s.z, s.w));
+    *reinterpret_cast<uint2*>(out + (size_t)t * H + h) = packed;
+  }
 }
 
 }  // namespace allocmoe::cuda_experts

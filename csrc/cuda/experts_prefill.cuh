@@ -8,7 +8,7 @@
 //      rounded to the input dtype, into act_sorted[row, I].
 //   3. down grouped GEMM: act_sorted rows x down[e] rows, times the routing weight, into
 //      y[slot, H] (fp32).
-//   4. combine: out[t] = sum over valid k of y[t*K + k] in slot order (deterministic).
+//   4. combine (combine_slots_kernel): out[t] = sum over valid k of y[t*K + k] in slot order.
 // The GEMMs are mma.sync m16n8k16 with fp32 accumulators, 128x128x32 CTA tiles, 8 warps (2 x 4),
 // a 3-stage cp.async pipeline and XOR-swizzled shared memory read by ldmatrix. The tile grid is
 // sized by the worst case (ceil(T*K/128) + min(E, T*K) tiles); CTAs past the real count exit.
@@ -239,27 +239,6 @@ __global__ void __launch_bounds__(kGemmThreads) prefill_down_kernel(PrefillParam
             make_float2(wt * acc[mi][ni][2 * half], wt * acc[mi][ni][2 * half + 1]);
       }
     }
-}
-
-// out[t, h..h+3] = sum over valid slots k (in order) of y[t*K + k, h..h+3]; grid.x = T.
-template <typename T>
-__global__ void __launch_bounds__(256) prefill_combine_kernel(PrefillParams p) {
-  const int t = blockIdx.x, H = p.H, K = p.K;
-  T* out = static_cast<T*>(p.out);
-  for (int h = threadIdx.x * 4; h < H; h += 256 * 4) {
-    float4 s = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int k = 0; k < K; ++k) {
-      const int slot = t * K + k, e = p.ids[slot];
-      if (e < 0 || e >= p.E) continue;
-      const float4 v = *reinterpret_cast<const float4*>(p.y + (size_t)slot * H + h);
-      s.x += v.x;
-      s.y += v.y;
-      s.z += v.z;
-      s.w += v.w;
-    }
-    uint2 packed = make_uint2(Mma16<T>::pack2(s.x, s.y), Mma16<T>::pack2(s.z, s.w));
-    *reinterpret_cast<uint2*>(out + (size_t)t * H + h) = packed;
-  }
 }
 
 }  // namespace allocmoe::cuda_experts
