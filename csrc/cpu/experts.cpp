@@ -46,7 +46,7 @@ at::Tensor experts_cpu(const at::Tensor& hidden, const at::Tensor& gate_up, cons
   const float* w = w_c.data_ptr<float>();
   std::vector<int64_t> start(E + 1, 0);
   for (int64_t j = 0; j < T * K; ++j) {
-    TORCH_CHECK(id[j] >= -1 && id[j] < E, "allocmoe.experts: ids[", j / K, ", ", j % K, "] = ", id[j],
+    ALLOCMOE_CHECK(id[j] >= -1 && id[j] < E, "allocmoe.experts: ids[", j / K, ", ", j % K, "] = ", id[j],
                 " is out of range [-1, E=", E, ")");
     if (id[j] >= 0) ++start[id[j] + 1];
   }

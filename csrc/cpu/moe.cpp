@@ -7,6 +7,7 @@
 // Each experts call rounds to hidden's dtype; the sum is taken in fp32 and rounded once more.
 // The CUDA fused decode kernel computes the same function with one rounding at the end.
 #include "cpu/moe.h"
+#include "common/check.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -16,39 +17,39 @@ namespace allocmoe {
 void check_moe_args(const at::Tensor& hidden, const at::Tensor& router_weight, const at::Tensor& gate_up,
                     const at::Tensor& down, const std::optional<at::Tensor>& shared_gate_up,
                     const std::optional<at::Tensor>& shared_down, const std::optional<at::Tensor>& shared_gate) {
-  TORCH_CHECK(hidden.dim() == 2, "allocmoe.moe: hidden must be 2-D [T, H], got ", hidden.dim(), "-D");
+  ALLOCMOE_CHECK(hidden.dim() == 2, "allocmoe.moe: hidden must be 2-D [T, H], got ", hidden.dim(), "-D");
   const int64_t H = hidden.size(1);
-  TORCH_CHECK(router_weight.dim() == 2 && router_weight.size(1) == H,
+  ALLOCMOE_CHECK(router_weight.dim() == 2 && router_weight.size(1) == H,
               "allocmoe.moe: router_weight must have shape [E, H=", H, "], got ", router_weight.sizes());
-  TORCH_CHECK(router_weight.scalar_type() == hidden.scalar_type(), "allocmoe.moe: router_weight dtype ",
+  ALLOCMOE_CHECK(router_weight.scalar_type() == hidden.scalar_type(), "allocmoe.moe: router_weight dtype ",
               router_weight.scalar_type(), " differs from hidden dtype ", hidden.scalar_type());
-  TORCH_CHECK(router_weight.device() == hidden.device(), "allocmoe.moe: router_weight is on ", router_weight.device(),
+  ALLOCMOE_CHECK(router_weight.device() == hidden.device(), "allocmoe.moe: router_weight is on ", router_weight.device(),
               " but hidden is on ", hidden.device());
-  TORCH_CHECK(gate_up.dim() == 3 && gate_up.size(0) == router_weight.size(0),
+  ALLOCMOE_CHECK(gate_up.dim() == 3 && gate_up.size(0) == router_weight.size(0),
               "allocmoe.moe: gate_up must have shape [E=", router_weight.size(0), ", 2I, H], got ", gate_up.sizes());
-  TORCH_CHECK(shared_gate_up.has_value() == shared_down.has_value(),
+  ALLOCMOE_CHECK(shared_gate_up.has_value() == shared_down.has_value(),
               "allocmoe.moe: shared_gate_up and shared_down must be given together");
   if (shared_gate_up.has_value()) {
     const at::Tensor& sgu = *shared_gate_up;
     const at::Tensor& sdn = *shared_down;
-    TORCH_CHECK(sgu.dim() == 3 && sgu.size(1) % 2 == 0 && sgu.size(1) >= 2 && sgu.size(2) == H && sgu.size(0) >= 1,
+    ALLOCMOE_CHECK(sgu.dim() == 3 && sgu.size(1) % 2 == 0 && sgu.size(1) >= 2 && sgu.size(2) == H && sgu.size(0) >= 1,
                 "allocmoe.moe: shared_gate_up must have shape [S, 2I_s, H=", H, "], got ", sgu.sizes());
-    TORCH_CHECK(sdn.dim() == 3 && sdn.size(0) == sgu.size(0) && sdn.size(1) == H && sdn.size(2) == sgu.size(1) / 2,
+    ALLOCMOE_CHECK(sdn.dim() == 3 && sdn.size(0) == sgu.size(0) && sdn.size(1) == H && sdn.size(2) == sgu.size(1) / 2,
                 "allocmoe.moe: shared_down must have shape [S=", sgu.size(0), ", H=", H, ", I_s=", sgu.size(1) / 2,
                 "], got ", sdn.sizes());
-    TORCH_CHECK(sgu.scalar_type() == hidden.scalar_type() && sdn.scalar_type() == hidden.scalar_type(),
+    ALLOCMOE_CHECK(sgu.scalar_type() == hidden.scalar_type() && sdn.scalar_type() == hidden.scalar_type(),
                 "allocmoe.moe: shared_gate_up/shared_down dtype must be hidden's dtype ", hidden.scalar_type());
-    TORCH_CHECK(sgu.device() == hidden.device() && sdn.device() == hidden.device(),
+    ALLOCMOE_CHECK(sgu.device() == hidden.device() && sdn.device() == hidden.device(),
                 "allocmoe.moe: shared_gate_up/shared_down must be on hidden's device ", hidden.device());
   }
   if (shared_gate.has_value()) {
     const at::Tensor& g = *shared_gate;
-    TORCH_CHECK(shared_gate_up.has_value(), "allocmoe.moe: shared_gate needs shared_gate_up and shared_down");
-    TORCH_CHECK(g.dim() == 1 && g.size(0) == H, "allocmoe.moe: shared_gate must have shape [H=", H, "], got ",
+    ALLOCMOE_CHECK(shared_gate_up.has_value(), "allocmoe.moe: shared_gate needs shared_gate_up and shared_down");
+    ALLOCMOE_CHECK(g.dim() == 1 && g.size(0) == H, "allocmoe.moe: shared_gate must have shape [H=", H, "], got ",
                 g.sizes());
-    TORCH_CHECK(g.scalar_type() == hidden.scalar_type(), "allocmoe.moe: shared_gate dtype ", g.scalar_type(),
+    ALLOCMOE_CHECK(g.scalar_type() == hidden.scalar_type(), "allocmoe.moe: shared_gate dtype ", g.scalar_type(),
                 " differs from hidden dtype ", hidden.scalar_type());
-    TORCH_CHECK(g.device() == hidden.device(), "allocmoe.moe: shared_gate is on ", g.device(), " but hidden is on ",
+    ALLOCMOE_CHECK(g.device() == hidden.device(), "allocmoe.moe: shared_gate is on ", g.device(), " but hidden is on ",
                 hidden.device());
   }
 }

@@ -152,11 +152,11 @@ std::tuple<at::Tensor, at::Tensor> route_cpu(const at::Tensor& router_logits, in
   at::AutoDispatchBelowADInplaceOrView no_autograd;  // inference op: record no history
   const int64_t T = router_logits.size(0);
   const at::Tensor logits = router_logits.to(at::kFloat).contiguous();
-  TORCH_CHECK(at::isfinite(logits).all().item<bool>(), "allocmoe.route: router_logits contains NaN or Inf");
+  ALLOCMOE_CHECK(at::isfinite(logits).all().item<bool>(), "allocmoe.route: router_logits contains NaN or Inf");
   at::Tensor bias;
   if (correction_bias.has_value()) {
     bias = correction_bias->contiguous();
-    TORCH_CHECK(at::isfinite(bias).all().item<bool>(), "allocmoe.route: correction_bias contains NaN or Inf");
+    ALLOCMOE_CHECK(at::isfinite(bias).all().item<bool>(), "allocmoe.route: correction_bias contains NaN or Inf");
   }
 
   at::Tensor weights = at::zeros({T, top_k}, router_logits.options().dtype(at::kFloat));

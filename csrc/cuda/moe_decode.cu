@@ -524,13 +524,13 @@ at::Tensor moe_cuda(const at::Tensor& hidden, const at::Tensor& router_weight, c
   const Scoring scoring =
       check_route_args(logits_shape, top_k, budget, k_base, std::string_view(scoring_name.data(), scoring_name.size()),
                        correction_bias, n_group, topk_group);
-  TORCH_CHECK(gate_up.dim() == 3 && down.dim() == 3 && gate_up.size(2) == H && gate_up.size(1) % 2 == 0 &&
+  ALLOCMOE_CHECK(gate_up.dim() == 3 && down.dim() == 3 && gate_up.size(2) == H && gate_up.size(1) % 2 == 0 &&
                   down.size(0) == E && down.size(1) == H && down.size(2) == gate_up.size(1) / 2,
               "allocmoe.moe: gate_up must be [E, 2I, H] and down [E, H, I], got ", gate_up.sizes(), " and ",
               down.sizes());
-  TORCH_CHECK(gate_up.scalar_type() == hidden.scalar_type() && down.scalar_type() == hidden.scalar_type(),
+  ALLOCMOE_CHECK(gate_up.scalar_type() == hidden.scalar_type() && down.scalar_type() == hidden.scalar_type(),
               "allocmoe.moe: gate_up/down dtype must be hidden's dtype ", hidden.scalar_type());
-  TORCH_CHECK(gate_up.device() == hidden.device() && down.device() == hidden.device(),
+  ALLOCMOE_CHECK(gate_up.device() == hidden.device() && down.device() == hidden.device(),
               "allocmoe.moe: gate_up/down must be on hidden's device ", hidden.device());
   const auto composite = [&] {
     return moe_composite(hidden, router_weight, gate_up, down, top_k, budget, k_base, scoring_name, correction_bias,
@@ -564,10 +564,10 @@ at::Tensor moe_cuda(const at::Tensor& hidden, const at::Tensor& router_weight, c
 
   const at::Tensor bias = correction_bias.has_value() ? correction_bias->contiguous() : at::Tensor();
   if (validation_enabled()) {
-    TORCH_CHECK(at::isfinite(hidden).all().item<bool>(), "allocmoe.moe: hidden contains NaN or Inf");
-    TORCH_CHECK(at::isfinite(router_weight).all().item<bool>(), "allocmoe.moe: router_weight contains NaN or Inf");
+    ALLOCMOE_CHECK(at::isfinite(hidden).all().item<bool>(), "allocmoe.moe: hidden contains NaN or Inf");
+    ALLOCMOE_CHECK(at::isfinite(router_weight).all().item<bool>(), "allocmoe.moe: router_weight contains NaN or Inf");
     if (bias.defined())
-      TORCH_CHECK(at::isfinite(bias).all().item<bool>(), "allocmoe.moe: correction_bias contains NaN or Inf");
+      ALLOCMOE_CHECK(at::isfinite(bias).all().item<bool>(), "allocmoe.moe: correction_bias contains NaN or Inf");
   }
   at::Tensor out = at::empty({T, H}, hidden.options());
   at::Tensor ws = at::empty({T * (E + 1) + static_cast<int64_t>(nblocks) * T * H}, hidden.options().dtype(at::kFloat));

@@ -109,7 +109,7 @@ RouteArgs make_route_args(const at::Tensor& logits, int64_t top_k, double budget
                           const at::Tensor& bias, int64_t n_group, int64_t topk_group, bool norm_topk_prob,
                           double routed_scaling_factor) {
   const int64_t T = logits.size(0), E = logits.size(1);
-  TORCH_CHECK(T * top_k < (int64_t{1} << 31), "allocmoe.route: T * top_k = ", T * top_k, " is too large");
+  ALLOCMOE_CHECK(T * top_k < (int64_t{1} << 31), "allocmoe.route: T * top_k = ", T * top_k, " is too large");
   const bool grouped = is_group_scoring(scoring);
   RouteArgs a{};
   a.T = static_cast<int>(T);
@@ -136,16 +136,16 @@ std::tuple<at::Tensor, at::Tensor> route_cuda(const at::Tensor& router_logits, i
   const Scoring scoring =
       check_route_args(router_logits, top_k, budget, k_base, std::string_view(scoring_name.data(), scoring_name.size()),
                        correction_bias, n_group, topk_group);
-  TORCH_CHECK(router_logits.size(1) <= 256, "allocmoe.route: router_logits has E=", router_logits.size(1),
+  ALLOCMOE_CHECK(router_logits.size(1) <= 256, "allocmoe.route: router_logits has E=", router_logits.size(1),
               " experts; the CUDA kernel supports E <= 256");
   const c10::cuda::CUDAGuard guard(router_logits.device());
   const int64_t T = router_logits.size(0);
   const at::Tensor logits = router_logits.contiguous();
   const at::Tensor bias = correction_bias.has_value() ? correction_bias->contiguous() : at::Tensor();
   if (validation_enabled()) {
-    TORCH_CHECK(at::isfinite(logits).all().item<bool>(), "allocmoe.route: router_logits contains NaN or Inf");
+    ALLOCMOE_CHECK(at::isfinite(logits).all().item<bool>(), "allocmoe.route: router_logits contains NaN or Inf");
     if (bias.defined())
-      TORCH_CHECK(at::isfinite(bias).all().item<bool>(), "allocmoe.route: correction_bias contains NaN or Inf");
+      ALLOCMOE_CHECK(at::isfinite(bias).all().item<bool>(), "allocmoe.route: correction_bias contains NaN or Inf");
   }
   at::Tensor weights = at::empty({T, top_k}, logits.options().dtype(at::kFloat));
   at::Tensor ids = at::empty({T, top_k}, logits.options().dtype(at::kInt));
@@ -157,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor> route_cuda(const at::Tensor& router_logits, i
     case at::kFloat: launch_route<float>(logits, a, weights, ids, stream); break;
     case at::kBFloat16: launch_route<__nv_bfloat16>(logits, a, weights, ids, stream); break;
     case at::kHalf: launch_route<__half>(logits, a, weights, ids, stream); break;
-    default: TORCH_CHECK(false, "allocmoe.route: unsupported router_logits dtype ", logits.scalar_type());
+    default: ALLOCMOE_CHECK(false, "allocmoe.route: unsupported router_logits dtype ", logits.scalar_type());
   }
   return {weights, ids};
 }
