@@ -56,7 +56,7 @@ BASELINES = ("Uniform", "Ascending", "Descending", "LExI", "Top-P", "NAEE")
 DEFAULT_BUDGETS = (2, 3, 4, 5)
 
 # Sized so that the whole demo takes a few minutes on a 2-core CPU (measured: docs/REFERENCE_MODEL.md).
-DEMO_CALIB_SEQS = 4
+DEMO_CALIB_SEQS = 8
 DEMO_EVAL_SEQS = 8
 DEMO_SEQ_LEN = 512
 
