@@ -91,6 +91,9 @@ def test_verdict_compares_against_uniform_and_the_best_baseline():
     assert v["2"]["best_baseline"] == "NAEE"
     assert v["3"]["beats_uniform"] and v["3"]["beats_best_baseline"]
     assert v["3"]["best_baseline"] == "Uniform"
+    # Without a Uniform row the comparison with Uniform is absent, not a crash.
+    v = demo.verdict(_fake_results({("NAEE", 2.0): 1.3, ("+Alloc-L+T", 2.0): 1.2}))
+    assert v["2"]["uniform"] is None and not v["2"]["beats_uniform"] and v["2"]["beats_best_baseline"]
 
 
 def test_unknown_method_and_bad_budget_are_clear_errors():

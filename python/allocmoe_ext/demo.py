@@ -352,8 +352,9 @@ def run(calib_seqs: int = DEMO_CALIB_SEQS, eval_seqs: int = DEMO_EVAL_SEQS, seq_
             print(f"  T={r['tokens']:<5} b={r['budget_per_layer']:g}: {r['median_us']:.1f}")
     print()
     for b, v in results["verdict"].items():
-        print(f"b={b}: +Alloc-L+T {v['alloc_l_t']:.4f} vs Uniform {v['uniform']:.4f} "
-              f"({'better' if v['beats_uniform'] else 'not better'}), best baseline {v['best_baseline']} "
+        uniform = "" if v["uniform"] is None else (
+            f" vs Uniform {v['uniform']:.4f} ({'better' if v['beats_uniform'] else 'not better'}),")
+        print(f"b={b}: +Alloc-L+T {v['alloc_l_t']:.4f}{uniform} best baseline run {v['best_baseline']} "
               f"{v['best_baseline_bits_per_byte']:.4f} ({'better' if v['beats_best_baseline'] else 'not better'})")
     results["timings_s"]["total_s"] = time.perf_counter() - t_start
     print(f"done in {results['timings_s']['total_s']:.0f} s")
