@@ -46,16 +46,18 @@ namespace {
 constexpr int64_t kDecodeMaxTokens = 16;
 constexpr int64_t kDecodeMaxSlots = 4096;
 // Auto mode takes the skinny path above kDecodeMaxTokens while the average expert gets at most
-// this many slots (T*K/E); past it the 128-token tiles of the prefill path fill up (measured:
-// skinny 1.17x faster at 48 slots per expert, even at 96).
+// this many slots (T*K/E); past it the 128-token tiles of the prefill path fill up (measured at
+// the DeepSeek-V2-Lite shape: skinny 1.17x faster than prefill at 48 slots per expert, T=512;
+// not measured past that, where kSkinnyMaxSlots binds first for E=64).
 constexpr int64_t kSkinnyMaxAvgSlots = 64;
 // Most experts the fast paths take (the decode bitmap and the align kernel's counters).
 constexpr int kMaxExpertsFast = 4096;
 
 // Raises c10::Error (RuntimeError in Python) with a message built by the caller (std::to_string,
-// no ostream): on the H100 machine's toolchain (GCC 13.3 in /opt/gcc), formatting an integer
-// through an ostream inside this module (what TORCH_CHECK(cond, "...", n) does) crashed the
-// process with SIGSEGV in std::ostream::_M_insert<long> instead of raising (docs/KERNELS.md).
+// no ostream). The first ids check (ids.min().item(), then TORCH_CHECK(cond, "...", E, ...))
+// crashed the process on the H100 machine with SIGSEGV in std::ostream::_M_insert<long> inside
+// this module (its libstdc++ is linked in statically by that machine's GCC 13.3) instead of
+// raising; the messages built here do not go through that code (docs/KERNELS.md).
 [[noreturn]] void fail(const std::string& msg) { TORCH_CHECK(false, msg); }
 
 // ---------------------------------------------------------------------------------------------
