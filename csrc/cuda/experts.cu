@@ -53,12 +53,8 @@ constexpr int64_t kSkinnyMaxAvgSlots = 64;
 // Most experts the fast paths take (the decode bitmap and the align kernel's counters).
 constexpr int kMaxExpertsFast = 4096;
 
-// Raises c10::Error (RuntimeError in Python) with a message built by the caller (std::to_string,
-// no ostream). The first ids check (ids.min().item(), then TORCH_CHECK(cond, "...", E, ...))
-// crashed the process on the H100 machine with SIGSEGV in std::ostream::_M_insert<long> inside
-// this module (its libstdc++ is linked in statically by that machine's GCC 13.3) instead of
-// raising; the messages built here do not go through that code (docs/KERNELS.md).
-[[noreturn]] void fail(const std::string& msg) { TORCH_CHECK(false, msg); }
+// Error messages go through ALLOCMOE_CHECK (csrc/common/check.h): TORCH_CHECK formatting an
+// integer crashed the process on the H100 machine (SIGSEGV in std::ostream::_M_insert<long>).
 
 // ---------------------------------------------------------------------------------------------
 // generic path
@@ -356,9 +352,8 @@ void check_ids_in_range(const at::Tensor& ids, int64_t E) {
   int host[2] = {INT_MAX, 0};
   C10_CUDA_CHECK(cudaMemcpyAsync(host, found.data_ptr<int>(), sizeof(host), cudaMemcpyDeviceToHost, stream));
   C10_CUDA_CHECK(cudaStreamSynchronize(stream));
-  if (host[0] == INT_MAX) return;
-  fail("allocmoe.experts: ids[" + std::to_string(host[0] / K) + ", " + std::to_string(host[0] % K) +
-       "] = " + std::to_string(host[1]) + " is out of range [-1, E=" + std::to_string(E) + ")");
+  ALLOCMOE_CHECK(host[0] == INT_MAX, "allocmoe.experts: ids[", host[0] / K, ", ", host[0] % K, "] = ", host[1],
+                 " is out of range [-1, E=", E, ")");
 }
 
 enum class Path { kAuto, kDecode, kSkinny, kPrefill, kGeneric };
@@ -370,8 +365,9 @@ Path forced_path() {
   if (std::strcmp(v, "skinny") == 0) return Path::kSkinny;
   if (std::strcmp(v, "prefill") == 0) return Path::kPrefill;
   if (std::strcmp(v, "generic") == 0) return Path::kGeneric;
-  fail(std::string("allocmoe.experts: ALLOCMOE_EXPERTS_PATH must be auto, decode, skinny, prefill or generic, got '") +
-       v + "'");
+  ALLOCMOE_CHECK(false, "allocmoe.experts: ALLOCMOE_EXPERTS_PATH must be auto, decode, skinny, prefill or generic, got '",
+                 v, "'");
+  return Path::kAuto;
 }
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
@@ -397,10 +393,9 @@ at::Tensor experts_cuda(const at::Tensor& hidden, const at::Tensor& gate_up, con
   using namespace cuda_experts;
   const Activation activation =
       check_experts_args(hidden, gate_up, down, weights, ids, gate_up_bias, down_bias, activation_name);
-  if (!hidden.is_cuda()) fail("allocmoe.experts (CUDA): hidden must be a CUDA tensor, got " + hidden.device().str());
+  ALLOCMOE_CHECK(hidden.is_cuda(), "allocmoe.experts (CUDA): hidden must be a CUDA tensor, got ", hidden.device());
   const int64_t T = hidden.size(0), H = hidden.size(1), E = gate_up.size(0), K = ids.size(1);
-  if (T * K >= (int64_t(1) << 31))
-    fail("allocmoe.experts (CUDA): T*K must be < 2^31, got T=" + std::to_string(T) + ", K=" + std::to_string(K));
+  ALLOCMOE_CHECK(T * K < (int64_t(1) << 31), "allocmoe.experts (CUDA): T*K must be < 2^31, got T=", T, ", K=", K);
   const c10::cuda::CUDAGuard guard(hidden.device());
   // Data-dependent check (a device-to-host sync; off by default on CUDA), before any launch.
   if (validation_enabled() && T * K > 0) check_ids_in_range(ids.contiguous(), E);
