@@ -650,7 +650,7 @@ def parse_args(argv):
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"comma list of {list(SHAPES)}")
     ap.add_argument("--tokens", default=None, help="comma list of T (default 1,4,...,4096; quick: 1,4)")
-    ap.add_argument("--budgets", default=",".join(BUDGETS), help=f"comma list of {list(BUDGETS)}")
+    ap.add_argument("--budgets", default=",".join(BUDGETS), help=f"comma list of {list(BUDGETS)}".replace("%", "%%"))
     ap.add_argument("--shared", default="both", choices=["no", "yes", "both"], help="routed only, with shared experts, or both")
     ap.add_argument("--only", default=",".join(PATHS), help=f"comma list of paths to time: {PATHS}")
     ap.add_argument("--reps", type=int, default=None, help="timed runs per measurement (default 40; quick: 3)")
