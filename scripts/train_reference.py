@@ -24,7 +24,6 @@ import argparse
 import importlib.util
 import json
 import math
-import os
 import platform
 import sys
 import time

@@ -11,16 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import allocmoe_ext
 from allocmoe_ext import ops
+from cuda_marks import CUDA_ONLY
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(
-        not (torch.cuda.is_available() and getattr(allocmoe_ext._C, "with_cuda", False)),
-        reason="needs a CUDA GPU and the CUDA build of allocmoe_ext",
-    ),
-]
+pytestmark = CUDA_ONLY
 
 PATHS = ("auto", "decode", "skinny", "prefill", "generic")
 FAST_PATHS = ("decode", "skinny", "prefill")

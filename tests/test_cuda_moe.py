@@ -8,19 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from allocmoe_ext import _C, ops
+from allocmoe_ext import ops
+from cuda_marks import CUDA_ONLY, poison_cache
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(
-        not (torch.cuda.is_available() and getattr(_C, "with_cuda", False)),
-        reason="needs a CUDA GPU and the CUDA build of allocmoe_ext",
-    ),
-]
-
-
-def poison_cache():
-    torch.empty(1 << 24, device="cuda").fill_(float("nan"))
+pytestmark = CUDA_ONLY
 
 
 def make_layer(T, H, I, E, S, Is, dtype, seed, shared_gate=False):

@@ -12,20 +12,10 @@ import zlib
 import pytest
 import torch
 
-from allocmoe_ext import _C, ops
+from allocmoe_ext import ops
+from cuda_marks import CUDA_ONLY, poison_cache
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(
-        not (torch.cuda.is_available() and getattr(_C, "with_cuda", False)),
-        reason="needs a CUDA GPU and the CUDA build of allocmoe_ext",
-    ),
-]
-
-
-def poison_cache():
-    """Fill memory the caching allocator will hand out next with NaN, so unwritten outputs show."""
-    torch.empty(1 << 22, device="cuda").fill_(float("nan"))
+pytestmark = CUDA_ONLY
 
 
 def make_logits(T, E, kind, gen):

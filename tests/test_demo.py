@@ -1,7 +1,6 @@
 """The quality study behind `allocmoe demo` / bench/quality.py, and the embedded reference model."""
 import json
 import math
-import os
 
 import pytest
 import torch

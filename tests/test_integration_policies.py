@@ -1,7 +1,6 @@
 """Policies on the patched model: budgets change the output and the realised activations are
 reported per layer; bad input is a clear error; unsupported architectures are named."""
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch

@@ -7,7 +7,6 @@ import torch
 from allocmoe_ext import integration
 from allocmoe_ext.integration.tiny import tiny_model
 from allocmoe_ext.plan import Plan, PlanMismatchError, check_fits, make_plan
-from allocmoe_ext.policies import TokenPolicy
 from allocmoe_ext.profiling import lexi_profile
 
 INFO = dict(architecture="deepseek_v2", num_moe_layers=4, num_experts=8, top_k=3, hidden_size=32)

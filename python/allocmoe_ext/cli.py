@@ -29,7 +29,6 @@ import argparse
 import importlib
 import importlib.util
 import json
-import math
 import os
 import sys
 import time
