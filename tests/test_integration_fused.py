@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from allocmoe_ext.integration import activation_stats, apply, moe_layers, reset_stats
-from allocmoe_ext.integration.block import fused_route_args, kept_slot_count
-from allocmoe_ext.policies import RoutingSpec, TokenPolicy, route_tokens
+from allocmoe_ext.integration.block import kept_slot_count
+from allocmoe_ext.policies import RoutingSpec, TokenPolicy, route_op_args, route_tokens
 from tiny_models import tiny_model
 
 if not hasattr(torch.ops.allocmoe, "moe"):
@@ -37,13 +37,13 @@ def test_fused_equals_unfused(arch):
         assert fused_stats == unfused_stats, policy
 
 
-def test_fused_route_args_match_route_tokens():
+def test_route_op_args_match_route_tokens():
     """The fused op gets no ids back, so its arguments must select what route_tokens selects."""
     spec = RoutingSpec(num_experts=8, top_k=4, norm_topk_prob=True)
     logits = torch.randn(13, 8, generator=torch.Generator().manual_seed(0))
     for policy in [TokenPolicy("topk", b) for b in (0.5, 1, 1.25, 2.5, 3.999999999999, 4)] + \
                   [TokenPolicy("alloc_t", b, k_base=k) for b, k in ((1.5, 1), (2.0, 0), (3.5, 2), (4, 1))]:
-        top_k, budget, k_base = fused_route_args(spec, policy)
+        top_k, budget, k_base = route_op_args(spec, policy)
         w, ids = torch.ops.allocmoe.route(logits, top_k, budget, k_base, "softmax", None, 1, 1, True, 1.0)
         w_ref, ids_ref = route_tokens(logits, spec, policy)
         torch.testing.assert_close(w, w_ref[:, :top_k], atol=0, rtol=0)

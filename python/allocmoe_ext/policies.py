@@ -177,6 +177,34 @@ def _check_threshold(kind: str, threshold):
         raise ValueError(f"policy.threshold (beta) of a naee_skip policy must be >= 0, got {threshold}")
 
 
+def route_op_args(spec: RoutingSpec, policy: TokenPolicy) -> tuple[int, float, int]:
+    """``(top_k, budget, k_base)`` of the one ``route`` op call that realises a topk/alloc_t policy.
+
+    The single place that maps a policy onto the op: ``route_tokens`` and the fused ``moe`` path
+    of the model integration (which gets no ids back, so it must pass the same arguments) both
+    use it. Fractional top-k (floor(K_l) each, the next candidate for the best-scoring tokens) is
+    Alloc-T over the first ceil(K_l) candidates of the model's top-K list, groups included.
+    """
+    top_k = spec.top_k
+    budget = policy.effective_budget(top_k)
+    if policy.kind == "alloc_t":
+        k_base = policy.k_base
+    elif policy.kind == "topk":
+        # Tolerance: B/L style budgets like 2.9999999999 mean 3, not "2 plus 99.99%".
+        k_base = min(int(math.floor(budget + 1e-9)), top_k)
+    else:
+        raise ValueError(f"route_op_args needs a topk or alloc_t policy, got {policy.kind!r}")
+    if k_base > top_k:
+        raise ValueError(f"policy.k_base={k_base} exceeds the model top_k={top_k}")
+    if not k_base <= budget + 1e-9 or budget > top_k + 1e-9:
+        raise ValueError(f"policy.budget={budget} must be in [k_base={k_base}, top_k={top_k}]")
+    budget = min(max(budget, float(k_base)), float(top_k))
+    if policy.kind == "alloc_t":
+        return top_k, budget, k_base
+    k_ceil = min(max(int(math.ceil(budget - 1e-9)), 1), top_k)
+    return k_ceil, budget, min(k_base, k_ceil)
+
+
 def route_tokens(router_logits: torch.Tensor, spec: RoutingSpec, policy: TokenPolicy,
                  correction_bias: torch.Tensor | None = None):
     """Route T tokens of one layer under ``policy``.
@@ -186,32 +214,13 @@ def route_tokens(router_logits: torch.Tensor, spec: RoutingSpec, policy: TokenPo
     bias (``sigmoid_group`` only).
     """
     _check_logits(router_logits, spec)
-    top_k = spec.top_k
     if policy.kind in ("topk", "alloc_t"):
-        budget = policy.effective_budget(top_k)
-        if policy.kind == "topk":
-            # Tolerance: B/L style budgets like 2.9999999999 mean 3, not "2 plus 99.99%".
-            k_base = int(math.floor(budget + 1e-9))
-            k_base = min(k_base, top_k)
-        else:
-            k_base = policy.k_base
-        if k_base > top_k:
-            raise ValueError(f"policy.k_base={k_base} exceeds the model top_k={top_k}")
-        if not k_base <= budget + 1e-9 or budget > top_k + 1e-9:
-            raise ValueError(f"policy.budget={budget} must be in [k_base={k_base}, top_k={top_k}]")
-        budget = min(max(budget, float(k_base)), float(top_k))
-        if policy.kind == "alloc_t":
-            return _route_op(router_logits, spec, budget, k_base, correction_bias,
-                             spec.norm_topk_prob, spec.routed_scaling_factor)
-        # Fractional top-k: only the next candidate (rank floor(K_l)) may be added, so route over
-        # the top-ceil(K_l) candidates (the first ceil(K_l) of the model's top-K list, groups
-        # included) and pad the row back to top_k slots.
-        k_ceil = min(max(int(math.ceil(budget - 1e-9)), 1), top_k)
-        sub = dataclasses.replace(spec, top_k=k_ceil)
-        weights, ids = _route_op(router_logits, sub, budget, min(k_base, k_ceil), correction_bias,
+        k, budget, k_base = route_op_args(spec, policy)
+        sub = spec if k == spec.top_k else dataclasses.replace(spec, top_k=k)
+        weights, ids = _route_op(router_logits, sub, budget, k_base, correction_bias,
                                  spec.norm_topk_prob, spec.routed_scaling_factor)
-        if k_ceil < top_k:
-            pad = top_k - k_ceil
+        if k < spec.top_k:  # pad the row back to the model's top_k slots
+            pad = spec.top_k - k
             weights = torch.nn.functional.pad(weights, (0, pad), value=0.0)
             ids = torch.nn.functional.pad(ids, (0, pad), value=-1)
         return weights, ids

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..policies import RoutingSpec, TokenPolicy, route_tokens
+from ..policies import RoutingSpec, TokenPolicy, route_op_args, route_tokens
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -58,20 +58,6 @@ def _has_moe_kernel(device_type: str) -> bool:
     key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     return (getattr(ops, "moe", None) is not None and key is not None
             and torch._C._dispatch_has_kernel_for_dispatch_key("allocmoe::moe", key))
-
-
-def fused_route_args(spec: RoutingSpec, policy: TokenPolicy) -> tuple[int, float, int]:
-    """(top_k, budget, k_base) of the route inside the fused ``moe`` op that selects exactly what
-    ``policies.route_tokens`` selects for a topk/alloc_t policy (the fused op returns no ids, so
-    the arguments must be derived here; tests check the two paths agree)."""
-    budget = policy.effective_budget(spec.top_k)
-    if policy.kind == "alloc_t":
-        return spec.top_k, min(max(budget, float(policy.k_base)), float(spec.top_k)), policy.k_base
-    # topk with fractional K_l: floor(K_l) each plus the next candidate for the best tokens,
-    # i.e. Alloc-T over the top-ceil(K_l) candidates (see policies.route_tokens).
-    k_base = min(math.floor(budget + _BUDGET_TOL), spec.top_k)
-    k_ceil = min(max(math.ceil(budget - _BUDGET_TOL), 1), spec.top_k)
-    return k_ceil, min(max(budget, float(k_base)), float(spec.top_k)), min(k_base, k_ceil)
 
 
 def kept_slot_count(tokens: int, top_k: int, budget: float, k_base: int) -> int:
@@ -218,7 +204,7 @@ class AllocMoE(nn.Module):
         """Router, route and routed experts in one ``moe`` op call. Shared experts stay with the
         model's modules (stacking them for the op would copy their weights)."""
         spec = self.spec
-        top_k, budget, k_base = fused_route_args(spec, self.policy)
+        top_k, budget, k_base = route_op_args(spec, self.policy)
         # The kept count is known from the arguments alone (docs/OPS.md): add it without a sync.
         self.kept_slots.add_(kept_slot_count(hidden.shape[0], top_k, budget, k_base))
         operands = self._expert_operands()
