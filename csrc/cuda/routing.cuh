@@ -279,4 +279,28 @@ __device__ __forceinline__ void finalize_token(int t, const RouteArgs& a, const 
   }
 }
 
+// Scratch words route_block needs: candidate keys [T, K] plus each warp's scoring scratch.
+__host__ __device__ inline int route_block_scratch_words(int T, int E, int K, int n_group, int nwarps) {
+  return ((T * K + 3) & ~3) + nwarps * route_scratch_words(E, n_group);
+}
+
+// Routes the a.T tokens whose fp32 logits are at `logits` (row-major [T, a.E], shared or global
+// memory) with the calling block; every thread must call it. On return ids / weights [T, K]
+// hold exactly what the route op writes. `scratch`: route_block_scratch_words(...) words of
+// 16-byte aligned shared memory.
+__device__ inline void route_block(const float* logits, const RouteArgs& a, uint32_t* scratch, int32_t* ids,
+                                   float* weights) {
+  uint32_t* cand_key = scratch;
+  uint32_t* warp_scratch = scratch + ((a.T * a.K + 3) & ~3);
+  const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int words = route_scratch_words(a.E, a.n_group);
+  for (int t = warp; t < a.T; t += nwarps)
+    score_token_warp(logits + t * a.E, a, warp_scratch + warp * words, ids + t * a.K, weights + t * a.K,
+                     cand_key + t * a.K);
+  __syncthreads();
+  const Threshold th = block_alloc_threshold(cand_key, a);
+  for (int t = threadIdx.x; t < a.T; t += blockDim.x) finalize_token(t, a, cand_key, weights, ids, th, weights, ids);
+  __syncthreads();
+}
+
 }  // namespace allocmoe::cuda
