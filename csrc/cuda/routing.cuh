@@ -279,4 +279,31 @@ __device__ __forceinline__ void finalize_token(int t, const RouteArgs& a, const 
   }
 }
 
+// ---- block-level entry point (used by the fused decode kernel) ------------------------------
+// Shared-memory words route_block needs: candidate keys [T, K] (padded to 4 words) and the
+// per-warp scoring scratch. A multiple of 4 words, so it can be placed 16-byte aligned.
+__host__ __device__ inline int route_block_scratch_words(int T, int E, int K, int n_group, int nwarps) {
+  return ((T * K + 3) & ~3) + nwarps * route_scratch_words(E, n_group);
+}
+
+// Routes the T = a.T tokens whose fp32 logits (row-major [T, a.E]) are at `logits` (shared or
+// global memory) with the calling block; every thread must call it. On return (after a
+// __syncthreads inside) ids[t * a.K + r] / weights[...] hold exactly what the route op writes.
+// `scratch`: route_block_scratch_words(a.T, a.E, a.K, a.n_group, blockDim.x / 32) words of
+// 16-byte-aligned shared memory. Any blockDim that is a multiple of 32 (<= 1024).
+__device__ inline void route_block(const float* logits, const RouteArgs& a, uint32_t* scratch, int32_t* ids,
+                                   float* weights) {
+  const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  uint32_t* cand_key = scratch;
+  uint32_t* warp_scratch = scratch + ((a.T * a.K + 3) & ~3);
+  const int words = route_scratch_words(a.E, a.n_group);
+  for (int t = warp; t < a.T; t += nwarps)
+    score_token_warp(logits + static_cast<long long>(t) * a.E, a, warp_scratch + warp * words, ids + t * a.K,
+                     weights + t * a.K, cand_key + t * a.K);
+  __syncthreads();
+  const Threshold th = block_alloc_threshold(cand_key, a);
+  for (int t = threadIdx.x; t < a.T; t += blockDim.x) finalize_token(t, a, cand_key, weights, ids, th, weights, ids);
+  __syncthreads();
+}
+
 }  // namespace allocmoe::cuda
