@@ -1,5 +1,9 @@
 """CUDA route vs the CPU op: ids exactly equal, weights close, on fresh random inputs.
 
+The op has three paths (csrc/cuda/route.cu): a warp per token (one block or a thread block
+cluster) and one block for small T, three kernels for large T. Besides the automatic choice,
+every path is forced on the same inputs through ALLOCMOE_ROUTE_PATH (where it applies: warp
+needs top_k <= 32, block a shared scratch that fits; otherwise the op falls back).
 Marked `cuda`; skipped without a GPU or without a CUDA build of the extension.
 """
 
@@ -83,9 +87,11 @@ def test_route_matches_cpu(T, E, kind):
     check_against_cpu(make_logits(T, E, kind, gen), cfg, bias, dtype)
 
 
-@pytest.mark.parametrize("T", [1, 5, 64, 300])
+@pytest.mark.parametrize("path", ["auto", "warp", "block", "multi"])
+@pytest.mark.parametrize("T", [1, 5, 33, 64, 300])
 @pytest.mark.parametrize("top_k", [1, 2, 6, 8])
-def test_route_budget_sweep(T, top_k):
+def test_route_budget_sweep(T, top_k, path, monkeypatch):
+    monkeypatch.setenv("ALLOCMOE_ROUTE_PATH", path)
     gen = torch.Generator().manual_seed(T * 31 + top_k)
     logits = make_logits(T, 64, "skewed", gen)
     for k_base in sorted({0, 1, top_k}):
@@ -95,9 +101,42 @@ def test_route_budget_sweep(T, top_k):
             check_against_cpu(logits, dict(top_k=top_k, budget=budget, k_base=k_base))
 
 
-def test_route_large_topk():
+# Every values-per-lane variant (E <= 32, 64, 128, 256), every scoring, every path on the same
+# inputs; warp path: one block (T <= 8), clusters of 2..8 blocks of 8 warps (T <= 64) and of
+# up to 32 warps (T > 64), a last block with idle warps.
+@pytest.mark.parametrize("path", ["warp", "block", "multi"])
+@pytest.mark.parametrize("E", [20, 32, 60, 64, 100, 128, 256])
+@pytest.mark.parametrize("T", [1, 2, 8, 9, 31, 64, 65, 200, 256])
+def test_route_paths_match_cpu(T, E, path, monkeypatch):
+    monkeypatch.setenv("ALLOCMOE_ROUTE_PATH", path)
+    seed = zlib.crc32(f"paths-{T}-{E}".encode())
+    gen = torch.Generator().manual_seed(seed)
+    logits = make_logits(T, E, "skewed", gen)
+    n_group = 4 if E % 4 == 0 else 2
+    bias = (torch.randint(0, 3, (E,), generator=gen) * 0.25).float()
+    top_k = min(8, E // 4)
+    for scoring in ("softmax", "topk_softmax", "softmax_group", "sigmoid_group"):
+        cfg = dict(top_k=top_k, budget=top_k * 0.45 + 0.3, k_base=1, scoring=scoring,
+                   norm_topk_prob=scoring != "softmax", routed_scaling_factor=2.5)
+        if scoring.endswith("_group"):
+            cfg.update(n_group=n_group, topk_group=2)
+        check_against_cpu(logits, cfg, bias if scoring == "sigmoid_group" else None)
+    for kind in ("ties", "uniform"):
+        check_against_cpu(make_logits(T, E, kind, gen), dict(top_k=top_k, budget=top_k / 2, k_base=1))
+
+
+def test_route_bad_path_variable(monkeypatch):
+    monkeypatch.setenv("ALLOCMOE_ROUTE_PATH", "fast")
+    with pytest.raises(RuntimeError, match="ALLOCMOE_ROUTE_PATH"):
+        ops.route(torch.randn(4, 64, device="cuda"), 6, 3.0)
+
+
+@pytest.mark.parametrize("path", ["auto", "block", "multi"])
+def test_route_large_topk(path, monkeypatch):
+    monkeypatch.setenv("ALLOCMOE_ROUTE_PATH", path)
     gen = torch.Generator().manual_seed(7)
-    for T, E, K in ((3, 256, 200), (40, 100, 100), (300, 256, 32)):
+    for T, E, K in ((3, 256, 200), (40, 100, 100), (300, 256, 32), (9, 64, 17), (70, 128, 33), (5, 64, 20),
+                    (40, 128, 24)):
         check_against_cpu(make_logits(T, E, "normal", gen), dict(top_k=K, budget=K / 2, k_base=1))
 
 
@@ -125,29 +164,30 @@ def test_route_errors_name_argument():
         ops.route(torch.randn(4, 8, device="cuda"), 9, 6.0)
 
 
-def test_route_graph_capture_and_determinism():
+@pytest.mark.parametrize("budget", [6.0, 3.0])
+def test_route_graph_capture_and_determinism(budget):
     x = torch.randn(64, 64, device="cuda")
     big = torch.randn(2000, 64, device="cuda")
-    ref_small = ops.route(x, 6, 3.0)
-    ref_big = ops.route(big, 6, 3.0)
+    ref_small = ops.route(x, 6, budget)
+    ref_big = ops.route(big, 6, budget)
     g = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        ops.route(x, 6, 3.0)  # warm-up outside capture
-        ops.route(big, 6, 3.0)
+        ops.route(x, 6, budget)  # warm-up outside capture
+        ops.route(big, 6, budget)
         with torch.cuda.graph(g, stream=s):
-            out_small = ops.route(x, 6, 3.0)
-            out_big = ops.route(big, 6, 3.0)
+            out_small = ops.route(x, 6, budget)
+            out_big = ops.route(big, 6, budget)
     torch.cuda.current_stream().wait_stream(s)
     for _ in range(3):
         x.copy_(torch.randn_like(x))
         big.copy_(torch.randn_like(big))
         g.replay()
         torch.cuda.synchronize()
-        for got, want in ((out_small, ops.route(x, 6, 3.0)), (out_big, ops.route(big, 6, 3.0))):
+        for got, want in ((out_small, ops.route(x, 6, budget)), (out_big, ops.route(big, 6, budget))):
             assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
-    assert all(torch.equal(a, b) for a, b in zip(ops.route(x, 6, 3.0), ops.route(x, 6, 3.0)))
+    assert all(torch.equal(a, b) for a, b in zip(ops.route(x, 6, budget), ops.route(x, 6, budget)))
     del ref_small, ref_big
 
 

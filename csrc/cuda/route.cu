@@ -1,17 +1,31 @@
 // CUDA kernel of torch.ops.allocmoe.route (docs/OPS.md): scoring, per-token top-k and Alloc-T
 // selection across all T tokens, bit-for-bit the same ids as the CPU op for the same scores.
 //
-// Small calls (T <= 128 and T * top_k <= 4096: decode and small batches) run as ONE block in
-// ONE launch: each warp scores tokens into shared memory, the block radix-selects the Alloc-T
-// threshold, then writes the outputs. Larger calls use three launches: score (a warp per
-// token, candidates into the outputs and a key workspace), one block for the threshold search,
-// finalize (a thread per token). No host sync; the only allocation besides the outputs is the
-// key workspace of the large path, from the caching allocator (graph-safe).
+// Three paths, chosen on the host from the shapes (never from the data: no sync):
+// - warp (top_k <= 32, T <= kWarpMaxTokens): ONE launch, a warp per token with its candidates
+//   in registers (route_token_per_warp, routing.cuh). On sm_90 the tokens are spread over a
+//   thread block cluster of up to 8 blocks of up to 8 warps (more warps per block past T = 64):
+//   the blocks exchange the Alloc-T pool through distributed shared memory and meet at one
+//   cluster barrier, then each finds the cut on its copy and writes its rows. Without a cut
+//   (budget == top_k or == k_base, or T == 1) no barrier at all.
+// - block (top_k > 32, small T): ONE launch of one block (route_block_body): candidates in
+//   shared memory, warps loop over the tokens.
+// - multi (the rest): score (a warp per token, candidates straight into the outputs, pool keys
+//   into a workspace), then, only when the budget needs a cut, one block finds the cut and a
+//   finalize kernel rewrites the rows; both are programmatic dependent launches on sm_90, so
+//   they get scheduled while the grid before them drains. Without a cut the score kernel writes
+//   the final rows itself: one launch, no workspace.
+// ALLOCMOE_ROUTE_PATH=warp|block|multi forces a path where it applies (tests, measurements).
+// No host sync; the only allocation besides the outputs is the multi path's workspace, from the
+// caching allocator (graph-safe).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
 
 #include "common/arg_checks.h"
 #include "cuda/routing.cuh"
@@ -20,87 +34,219 @@
 namespace allocmoe::cuda {
 namespace {
 
-constexpr int kSmallMaxTokens = 128;
-constexpr int kSmallMaxSlots = 4096;
-constexpr int kSmallMaxSmem = 46 * 1024;  // stay under the 48 KB default dynamic limit
+constexpr int kWarpMaxTokens = 256;       // warp path: at most 8 blocks x 32 warps
+constexpr int kWarpAutoMaxTokens = 128;   // ... and chosen automatically up to here
+constexpr int kBlockAutoMaxTokens = 16;   // block path (top_k > 32): one SM scores every token
+constexpr int kMaxSmem = 48 * 1024;       // the default dynamic shared-memory limit
+constexpr int kScoreWarps = 8;            // multi path: warps (tokens) per block of the score kernel
 
-template <typename in_t>
-__global__ void __launch_bounds__(1024) route_small_kernel(const in_t* __restrict__ logits, RouteArgs a,
-                                                           float* __restrict__ weights, int32_t* __restrict__ ids) {
-  extern __shared__ uint32_t smem[];
-  uint32_t* cand_key = smem;  // [T, K]
-  uint32_t* scratch = smem + ((a.T * a.K + 3) & ~3);  // 16-byte aligned
+// Shared memory of the warp path: histograms, the pool, the per-warp group scratch.
+int warp_path_smem_words(const RouteArgs& a, int nwarps) {
+  return 3 * 256 + ((a.T * (a.K - a.k_base) + 3) & ~3) + (a.n_group > 1 ? nwarps * route_scratch_words(a.E, a.n_group) : 0);
+}
+
+template <int V, bool kCluster, typename in_t>
+__global__ void __launch_bounds__(1024) route_warp_kernel(const in_t* __restrict__ logits, RouteArgs a,
+                                                          float* __restrict__ weights, int32_t* __restrict__ ids) {
+  extern __shared__ uint4 smem4[];
+  uint32_t* smem = reinterpret_cast<uint32_t*>(smem4);
   const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  const int words = route_scratch_words(a.E, a.n_group);
-  // Candidates go straight into the outputs (ids, p in weights); finalize rewrites them.
-  for (int t = warp; t < a.T; t += nwarps) {
-    score_token_warp(logits + static_cast<long long>(t) * a.E, a, scratch + warp * words, ids + t * a.K,
-                     weights + t * a.K, cand_key + t * a.K);
+  uint32_t* pool = smem + 3 * 256;
+  uint32_t* gscratch = pool + ((a.T * (a.K - a.k_base) + 3) & ~3) + warp * route_scratch_words(a.E, a.n_group);
+  route_token_per_warp<V, kCluster>(logits, a, blockIdx.x * nwarps + warp, smem, pool, gscratch, ids, weights);
+}
+
+template <int V, typename in_t>
+__global__ void __launch_bounds__(1024) route_block_kernel(const in_t* __restrict__ logits, RouteArgs a,
+                                                           float* __restrict__ weights, int32_t* __restrict__ ids) {
+  extern __shared__ uint4 smem4[];
+  route_block_body<V, 1>(logits, a, reinterpret_cast<uint32_t*>(smem4), ids, weights);
+}
+
+// Multi path, step 1: a warp per token. Candidates go into the outputs (p into weights); with
+// pool == nullptr there is no cut and the warp writes the final row right away (cut mode).
+template <int V, typename in_t>
+__global__ void __launch_bounds__(kScoreWarps * 32) route_score_kernel(const in_t* __restrict__ logits, RouteArgs a,
+                                                                       float* __restrict__ weights,
+                                                                       int32_t* __restrict__ ids,
+                                                                       uint32_t* __restrict__ pool, int mode) {
+  extern __shared__ uint4 smem4[];
+  route_allow_next_grid();  // the cut kernel may get scheduled now; it waits for this grid
+  const int warp = threadIdx.x >> 5;
+  const int t = blockIdx.x * kScoreWarps + warp;
+  if (t >= a.T) return;  // warp-uniform
+  uint32_t* gscratch = reinterpret_cast<uint32_t*>(smem4) + warp * route_scratch_words(a.E, a.n_group);
+  unsigned long long lo = ~0ull, hi = 0ull;
+  score_warp<V, 1>(logits, t, a, gscratch, CandSink{weights, ids, pool}, lo, hi);
+  if (pool == nullptr) {
+    __syncwarp();
+    finalize_rows_warp<true>(t, t + 1, a, AllocCut{0ull, mode}, weights, ids, nullptr, weights, ids);
+  }
+}
+
+// Multi path, step 2: one block finds the cut over the pool keys in the workspace.
+__global__ void __launch_bounds__(1024) route_cut_kernel(const uint32_t* __restrict__ pool, RouteArgs a,
+                                                         unsigned long long* __restrict__ cut) {
+  __shared__ __align__(16) uint32_t hist[3 * 256];
+  __shared__ unsigned long long range[2 * 32];
+  route_allow_next_grid();
+  route_wait_previous_grid();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int pt = a.K - a.k_base, N = a.T * pt;
+  unsigned long long lo = ~0ull, hi = 0ull;
+  for (int t = threadIdx.x; t < a.T; t += blockDim.x) {
+    hi = max(hi, alloc_key(pool[t * pt], static_cast<uint32_t>(t * pt)));
+    lo = min(lo, alloc_key(pool[t * pt + pt - 1], static_cast<uint32_t>(t * pt + pt - 1)));
+  }
+  warp_key_range(lo, hi);
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0u;
+  if (lane == 0) {
+    range[2 * warp] = lo;
+    range[2 * warp + 1] = hi;
   }
   __syncthreads();
-  const Threshold th = block_alloc_threshold(cand_key, a);
-  for (int t = threadIdx.x; t < a.T; t += blockDim.x) finalize_token(t, a, cand_key, weights, ids, th, weights, ids);
+  lo = lane < nwarps ? range[2 * lane] : ~0ull;
+  hi = lane < nwarps ? range[2 * lane + 1] : 0ull;
+  warp_key_range(lo, hi);
+  const AllocCut c = block_alloc_cut(pool, N, a.extra, hist, lo, hi);
+  if (threadIdx.x == 0) cut[0] = c.thr;
 }
 
-template <typename in_t>
-__global__ void __launch_bounds__(256) route_score_kernel(const in_t* __restrict__ logits, RouteArgs a,
-                                                          float* __restrict__ weights, int32_t* __restrict__ ids,
-                                                          uint32_t* __restrict__ cand_key) {
-  extern __shared__ uint32_t smem[];
-  const int warp = threadIdx.x >> 5;
-  const int t = blockIdx.x * (blockDim.x >> 5) + warp;
-  if (t >= a.T) return;  // warp-uniform
-  uint32_t* scratch = smem + warp * route_scratch_words(a.E, a.n_group);
-  score_token_warp(logits + static_cast<long long>(t) * a.E, a, scratch, ids + static_cast<long long>(t) * a.K,
-                   weights + static_cast<long long>(t) * a.K, cand_key + static_cast<long long>(t) * a.K);
+// Multi path, step 3: a warp per 32 / route_rank_lanes(K) tokens rewrites the rows in place.
+__global__ void __launch_bounds__(256) route_finalize_kernel(const uint32_t* __restrict__ pool,
+                                                             const unsigned long long* __restrict__ cut, RouteArgs a,
+                                                             float* __restrict__ weights, int32_t* __restrict__ ids) {
+  route_wait_previous_grid();
+  const int per = 32 / route_rank_lanes(a.K);
+  const int t0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * per;
+  if (t0 >= a.T) return;  // warp-uniform
+  finalize_rows_warp<true>(t0, min(t0 + per, a.T), a, AllocCut{cut[0], 2}, weights, ids, pool, weights, ids);
 }
 
-__global__ void __launch_bounds__(1024) route_threshold_kernel(const uint32_t* __restrict__ cand_key, RouteArgs a,
-                                                               unsigned long long* __restrict__ out) {
-  const Threshold th = block_alloc_threshold(cand_key, a);
-  if (threadIdx.x == 0) {
-    out[0] = th.thr;
-    out[1] = static_cast<unsigned long long>(th.none);
+// Thread block clusters need sm_90; asked once per device (a host attribute query, no sync).
+bool has_clusters(int device) {
+  static int major[64] = {};  // 0: not asked yet
+  if (device < 0 || device >= 64) return false;
+  if (major[device] == 0) {
+    int m = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&m, cudaDevAttrComputeCapabilityMajor, device));
+    major[device] = m;
   }
+  return major[device] >= 9;
 }
 
-__global__ void route_finalize_kernel(const uint32_t* __restrict__ cand_key, const unsigned long long* __restrict__ thr,
-                                      RouteArgs a, float* __restrict__ weights, int32_t* __restrict__ ids) {
-  const int t = blockIdx.x * blockDim.x + threadIdx.x;
-  if (t >= a.T) return;
-  const Threshold th{thr[0], static_cast<int>(thr[1])};
-  finalize_token(t, a, cand_key, weights, ids, th, weights, ids);
+enum class RoutePath { kAuto, kWarp, kBlock, kMulti };
+
+RoutePath forced_path() {
+  const char* v = std::getenv("ALLOCMOE_ROUTE_PATH");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return RoutePath::kAuto;
+  if (std::strcmp(v, "warp") == 0) return RoutePath::kWarp;
+  if (std::strcmp(v, "block") == 0) return RoutePath::kBlock;
+  if (std::strcmp(v, "multi") == 0) return RoutePath::kMulti;
+  ALLOCMOE_CHECK(false, "allocmoe.route: ALLOCMOE_ROUTE_PATH must be auto, warp, block or multi, got '", v, "'");
+  return RoutePath::kAuto;
+}
+
+// Launches `kernel` on `grid` blocks forming one cluster (cluster > 1) or as a programmatic
+// dependent launch (pdl), through cudaLaunchKernelEx; both are captured into CUDA graphs as such.
+template <typename Kernel, typename... Args>
+void launch_ex(Kernel kernel, int grid, int threads, size_t smem, cudaStream_t stream, int cluster, bool pdl,
+               Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  if (cluster > 1) {
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = cluster;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.numAttrs = 1;
+  } else if (pdl) {
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.numAttrs = 1;
+  }
+  cfg.attrs = attr;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
+}
+
+template <int V, typename in_t>
+void launch_route_v(const at::Tensor& logits, const RouteArgs& a, at::Tensor& weights, at::Tensor& ids,
+                    cudaStream_t stream) {
+  const in_t* lp = reinterpret_cast<const in_t*>(logits.data_ptr());
+  float* wp = weights.data_ptr<float>();
+  int32_t* ip = ids.data_ptr<int32_t>();
+  const RoutePath forced = forced_path();
+  const bool sm90 = has_clusters(logits.device().index());
+
+  // Warp path: up to 8 warps per block while that keeps the cluster within 8 blocks.
+  const int wmax = sm90 ? kWarpMaxTokens : 32;
+  const int nw = a.T <= 8 || !sm90 ? a.T : a.T <= 64 ? 8 : (a.T + 7) / 8;
+  const int nb = (a.T + nw - 1) / nw;
+  const size_t warp_smem = static_cast<size_t>(warp_path_smem_words(a, nw)) * 4;
+  const bool warp_ok = a.K <= 32 && a.T <= wmax && warp_smem <= static_cast<size_t>(kMaxSmem);
+  // Block path: one block of up to 32 warps.
+  const int bw = std::min(32, a.T);
+  const size_t block_smem = static_cast<size_t>(route_block_scratch_words(a.T, a.E, a.K, a.n_group, bw)) * 4;
+  const bool block_ok = block_smem <= static_cast<size_t>(kMaxSmem);
+
+  RoutePath path = RoutePath::kMulti;
+  if (forced == RoutePath::kWarp && warp_ok) path = RoutePath::kWarp;
+  else if (forced == RoutePath::kBlock && block_ok) path = RoutePath::kBlock;
+  else if (forced == RoutePath::kAuto && warp_ok && a.T <= kWarpAutoMaxTokens) path = RoutePath::kWarp;
+  else if (forced == RoutePath::kAuto && block_ok && a.T <= kBlockAutoMaxTokens) path = RoutePath::kBlock;
+
+  if (path == RoutePath::kWarp) {
+    if (nb > 1)
+      launch_ex(route_warp_kernel<V, true, in_t>, nb, nw * 32, warp_smem, stream, nb, false, lp, a, wp, ip);
+    else
+      route_warp_kernel<V, false, in_t><<<1, nw * 32, warp_smem, stream>>>(lp, a, wp, ip);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  if (path == RoutePath::kBlock) {
+    route_block_kernel<V, in_t><<<1, bw * 32, block_smem, stream>>>(lp, a, wp, ip);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+
+  const long long N = static_cast<long long>(a.T) * (a.K - a.k_base);
+  const int mode = alloc_cut_mode(a.extra, N);
+  const int score_blocks = (a.T + kScoreWarps - 1) / kScoreWarps;
+  const size_t score_smem =
+      (a.n_group > 1) ? static_cast<size_t>(kScoreWarps) * route_scratch_words(a.E, a.n_group) * 4 : 0;
+  if (mode != 2) {
+    route_score_kernel<V, in_t><<<score_blocks, kScoreWarps * 32, score_smem, stream>>>(lp, a, wp, ip, nullptr, mode);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  // Workspace: pool keys [N], then the cut (8-byte aligned).
+  at::Tensor ws = at::empty({N + 4}, logits.options().dtype(at::kInt));
+  uint32_t* pool = reinterpret_cast<uint32_t*>(ws.data_ptr<int32_t>());
+  unsigned long long* cut = reinterpret_cast<unsigned long long*>(pool + ((N + 1) & ~1ll));
+  route_score_kernel<V, in_t><<<score_blocks, kScoreWarps * 32, score_smem, stream>>>(lp, a, wp, ip, pool, mode);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const uint32_t* cpool = pool;
+  launch_ex(route_cut_kernel, 1, 1024, 0, stream, 1, sm90, cpool, a, cut);
+  const int per = 32 / route_rank_lanes(a.K);
+  const int rows_per_block = 8 * per;
+  const unsigned long long* ccut = cut;
+  launch_ex(route_finalize_kernel, (a.T + rows_per_block - 1) / rows_per_block, 256, 0, stream, 1, sm90, cpool, ccut,
+            a, wp, ip);
 }
 
 template <typename in_t>
 void launch_route(const at::Tensor& logits, const RouteArgs& a, at::Tensor& weights, at::Tensor& ids,
                   cudaStream_t stream) {
-  const in_t* lp = reinterpret_cast<const in_t*>(logits.data_ptr());
-  float* wp = weights.data_ptr<float>();
-  int32_t* ip = ids.data_ptr<int32_t>();
-  const int words = route_scratch_words(a.E, a.n_group);
-  const long long slots = static_cast<long long>(a.T) * a.K;
-  if (a.T <= kSmallMaxTokens && slots <= kSmallMaxSlots) {
-    // Enough warps to score the tokens in one or two rounds, within the shared-memory budget.
-    const int fixed = static_cast<int>((slots + 3) & ~3ll) * 4;
-    int nwarps = std::min(32, std::max(1, (kSmallMaxSmem - fixed) / (words * 4)));
-    nwarps = std::min(nwarps, std::max(4, a.T));
-    const size_t smem = fixed + static_cast<size_t>(nwarps) * words * 4;
-    route_small_kernel<in_t><<<1, nwarps * 32, smem, stream>>>(lp, a, wp, ip);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return;
+  switch (route_values_per_lane(a.E)) {
+    case 1: launch_route_v<1, in_t>(logits, a, weights, ids, stream); break;
+    case 2: launch_route_v<2, in_t>(logits, a, weights, ids, stream); break;
+    case 4: launch_route_v<4, in_t>(logits, a, weights, ids, stream); break;
+    default: launch_route_v<8, in_t>(logits, a, weights, ids, stream); break;
   }
-  at::Tensor ws = at::empty({slots + 4}, logits.options().dtype(at::kInt));  // keys + threshold
-  uint32_t* keys = reinterpret_cast<uint32_t*>(ws.data_ptr<int32_t>());
-  unsigned long long* thr = reinterpret_cast<unsigned long long*>(keys + ((slots + 1) & ~1ll));
-  constexpr int kWarps = 8;
-  route_score_kernel<in_t><<<(a.T + kWarps - 1) / kWarps, kWarps * 32, kWarps * words * 4, stream>>>(lp, a, wp, ip,
-                                                                                                    keys);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  route_threshold_kernel<<<1, 1024, 0, stream>>>(keys, a, thr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  route_finalize_kernel<<<(a.T + 255) / 256, 256, 0, stream>>>(keys, thr, a, wp, ip);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
