@@ -3,8 +3,8 @@
 // Decode (1 <= T <= 16) runs as ONE cooperative launch, one 512-thread block per SM:
 //   1. hidden -> shared memory; router GEMV (and the shared-expert gate row), a warp per row,
 //      logits to a small workspace.                                              grid sync
-//   2. every block routes all T tokens itself (same code as the route op, deterministic, so all
-//      blocks agree) and lists the work: shared experts, then the distinct selected experts in id
+//   2. every block routes all T tokens itself (route_block: the route op's code, deterministic, so
+//      all blocks agree) and lists the work: shared experts, then the distinct selected experts in id
 //      order, each with its tokens and gate weights.
 //   3. the work is the flat list of (expert, intermediate column i) pairs, cut into 16-byte units
 //      and split evenly over the blocks. For its pairs a block streams the gate and up rows once
@@ -115,7 +115,7 @@ struct MoeArgs {
 
 // Shared-memory carve-up, computed the same way on the host (size) and the device (offsets).
 struct SmemLayout {
-  size_t x, a, logits, cand_key, cand_id, cand_w, scratch, tokmask, seg_expert, seg_off, seg_nt, seg_mask, ent_tok,
+  size_t x, a, logits, cand_id, cand_w, scratch, tokmask, seg_expert, seg_off, seg_nt, seg_mask, ent_tok,
       ent_w, block_mask, red, total;
   __host__ __device__ static size_t up16(size_t v) { return (v + 15) & ~size_t{15}; }
   __host__ __device__ SmemLayout(int T, int H, int E, int K, int S, int n_group, int max_pairs, int elem_bytes,
@@ -130,10 +130,9 @@ struct SmemLayout {
     x = take(size_t(T) * H * elem_bytes);
     a = take(size_t(T) * max_pairs * 4);
     logits = take(size_t(T) * (E + 1) * 4);
-    cand_key = take(size_t(T) * K * 4);
     cand_id = take(size_t(T) * K * 4);
     cand_w = take(size_t(T) * K * 4);
-    scratch = take(size_t(kWarps) * route_scratch_words(E, n_group) * 4);
+    scratch = take(size_t(route_block_scratch_words(T, E, K, n_group, kWarps)) * 4);
     tokmask = take(size_t(E) * 4);
     seg_expert = take(size_t(nseg) * 4);
     seg_off = take(size_t(nseg) * 4);
@@ -199,7 +198,6 @@ __global__ void __launch_bounds__(kThreads, 1) moe_decode_kernel(MoeArgs m) {
   scalar_t* x_s = reinterpret_cast<scalar_t*>(smem + L.x);
   float* a_s = reinterpret_cast<float*>(smem + L.a);
   float* lg_s = reinterpret_cast<float*>(smem + L.logits);
-  uint32_t* ckey_s = reinterpret_cast<uint32_t*>(smem + L.cand_key);
   int32_t* cid_s = reinterpret_cast<int32_t*>(smem + L.cand_id);
   float* cw_s = reinterpret_cast<float*>(smem + L.cand_w);
   uint32_t* scratch_s = reinterpret_cast<uint32_t*>(smem + L.scratch);
@@ -247,18 +245,13 @@ __global__ void __launch_bounds__(kThreads, 1) moe_decode_kernel(MoeArgs m) {
   cg::this_grid().sync();
 
   // 2. Route all tokens in every block; list the work.
-  for (int i = tid; i < T * (E + 1); i += kThreads) lg_s[i] = __ldcg(m.logits_ws + i);
-  __syncthreads();
-  {
-    const int words = route_scratch_words(E, m.r.n_group);
-    for (int t = warp; t < T; t += kWarps)
-      score_token_warp(lg_s + t * (E + 1), m.r, scratch_s + warp * words, cid_s + t * K, cw_s + t * K,
-                       ckey_s + t * K);
-    __syncthreads();
-    const Threshold th = block_alloc_threshold(ckey_s, m.r);
-    for (int t = tid; t < T; t += kThreads) finalize_token(t, m.r, ckey_s, cw_s, cid_s, th, cw_s, cid_s);
-    __syncthreads();
+  // lg_s: the router logits [T, E], then the shared-expert gate logits [T].
+  for (int i = tid; i < T * (E + 1); i += kThreads) {
+    const int t = i / (E + 1), e = i - t * (E + 1);
+    lg_s[e < E ? t * E + e : T * E + t] = __ldcg(m.logits_ws + i);
   }
+  __syncthreads();
+  route_block(lg_s, m.r, scratch_s, cid_s, cw_s);
   for (int e = tid; e < E; e += kThreads) {
     uint32_t mk = 0;
     for (int j = 0; j < T * K; ++j)
@@ -311,7 +304,7 @@ __global__ void __launch_bounds__(kThreads, 1) moe_decode_kernel(MoeArgs m) {
   for (int i = tid; i < S * T; i += kThreads) {
     const int t = i % T;
     ent_tok[i] = t;
-    ent_w[i] = m.shared_gate != nullptr ? 1.0f / (1.0f + expf(-lg_s[t * (E + 1) + E])) : 1.0f;
+    ent_w[i] = m.shared_gate != nullptr ? 1.0f / (1.0f + expf(-lg_s[T * E + t])) : 1.0f;
   }
   __syncthreads();
   const int nseg = s_nseg;
