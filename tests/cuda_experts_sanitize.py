@@ -37,12 +37,14 @@ def case(T, E, K, H, I, path, dtype=torch.bfloat16, activation="silu", bias=Fals
 
 def main():
     ok = True
-    for path in ("decode", "skinny", "prefill"):
+    for path in ("stream", "decode", "skinny", "prefill"):
         for T in (1, 5, 40, 200):
             ok &= case(T, 16, 4, 64, 96, path)
     ok &= case(40, 8, 4, 512, 160, "skinny")  # several k blocks through the shared-memory ring
     ok &= case(300, 4, 2, 64, 64, "skinny")  # several 64-token passes per expert
     ok &= case(3, 8, 2, 64, 64, "decode", dtype=torch.float16)
+    ok &= case(16, 64, 6, 2048, 1408, "stream")  # ring wrapping, partial last stage, two n tiles
+    ok &= case(5, 8, 2, 64, 64, "stream", dtype=torch.float16)
     ok &= case(6, 8, 3, 40, 24, "generic", dtype=torch.float32, activation="swiglu_oai", bias=True)
     sys.exit(0 if ok else 1)
 

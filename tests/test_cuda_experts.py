@@ -1,7 +1,7 @@
 """CUDA `experts` op against the CPU op (docs/OPS.md), on fresh random inputs.
 
 Every path of the CUDA op is run at every shape by forcing it through ALLOCMOE_EXPERTS_PATH
-(decode / skinny / prefill / generic; see csrc/cuda/experts.cu), so a shape threshold never hides a path.
+(stream / decode / skinny / prefill / generic; see csrc/cuda/experts.cu), so a shape threshold never hides a path.
 Outputs come from the caching allocator, which is flooded with NaN before each run, so an element
 the kernel forgets to write shows up as NaN. Skipped without a GPU or a CUDA build.
 """
@@ -16,8 +16,8 @@ from cuda_marks import CUDA_ONLY
 
 pytestmark = CUDA_ONLY
 
-PATHS = ("auto", "decode", "skinny", "prefill", "generic")
-FAST_PATHS = ("decode", "skinny", "prefill")
+PATHS = ("auto", "stream", "decode", "skinny", "prefill", "generic")
+FAST_PATHS = ("stream", "decode", "skinny", "prefill")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
@@ -160,6 +160,47 @@ def test_long_reductions(T, E, K, H, I, path, monkeypatch):
     a last block with fewer than 4 chunks) and partial row tiles (I % 64, H % 128)."""
     inputs = make_inputs(T, E, K, H, I, torch.bfloat16, seed=T + H + I)
     check(inputs, torch.bfloat16, path, monkeypatch)
+
+
+@pytest.mark.parametrize(
+    "T,E,K,H,I,skew",
+    [
+        (1, 64, 6, 2048, 1408, False),  # DeepSeek-V2-Lite: 4 stages per gate_up item, a 384-wide last down stage
+        (2, 60, 4, 2048, 1408, False),
+        (7, 64, 8, 1024, 1024, False),
+        (16, 64, 6, 2048, 1408, False),  # two n tiles, x of 16 tokens in shared memory
+        (16, 8, 8, 256, 96, True),  # 16 pairs on each of 8 experts
+        (16, 128, 2, 4096, 64, False),  # x at its largest (16 x 4096): a shallower ring
+    ],
+)
+def test_stream_decode_shapes(T, E, K, H, I, skew, monkeypatch):
+    """The stream path at model shapes: multi-stage items, partial last stages, many items per
+    CTA, the ring wrapping many times (several calls reuse nothing: outputs poisoned)."""
+    inputs = make_inputs(T, E, K, H, I, torch.bfloat16, seed=T + E + H, skew=skew, drop=0.0 if skew else 0.3)
+    check(inputs, torch.bfloat16, "stream", monkeypatch)
+
+
+def test_auto_takes_stream_kernels_on_sm90(monkeypatch):
+    """On sm_90 auto mode at T <= 16 runs the stream kernels (not a silent fallback)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the stream path needs sm_90")
+    inputs = make_inputs(4, 64, 6, 2048, 1408, torch.bfloat16, seed=4)
+    ref = run_cpu(inputs)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = run_cuda(inputs, path="auto", monkeypatch=monkeypatch)
+    names = " ".join(e.name for e in prof.events())
+    assert "stream_gate_up_kernel" in names and "stream_down_kernel" in names, names[:2000]
+    assert rel_err(out, ref) < 1e-2
+
+
+def test_stream_repeated_ids_take_several_passes(monkeypatch):
+    """One expert named by more than 16 slots (a row may repeat an id): several 16-pair passes,
+    each re-streaming the item's weights."""
+    x, gu, dn, w, ids, _, _ = make_inputs(12, 4, 4, 256, 128, torch.bfloat16, seed=9, drop=0.0)
+    ids[:, :3] = 2  # expert 2 gets 36 slots
+    ref = run_cpu((x, gu, dn, w, ids, None, None))
+    out = run_cuda((x, gu, dn, w, ids, None, None), path="stream", monkeypatch=monkeypatch)
+    assert torch.isfinite(out).all() and rel_err(out, ref) < 1e-2
 
 
 def test_auto_path_choice(monkeypatch):

@@ -1,9 +1,12 @@
 // CUDA implementation of torch.ops.allocmoe.experts (contract: docs/OPS.md).
 //
-// Four paths, chosen on the host from shapes only (never from the routing data, so no sync):
-//   - decode (experts_decode.cuh): T <= kDecodeMaxTokens on the standard case (bf16/fp16, silu,
-//     no biases, contiguous weights, H and I multiples of 32); streams each used expert's
-//     weights once over the whole GPU; memory-bound, aims at the bandwidth floor.
+// Five paths, chosen on the host from shapes only (never from the routing data, so no sync):
+//   - stream (experts_stream.cuh): T <= kStreamMaxTokens on the standard case (bf16/fp16, silu,
+//     no biases, contiguous weights, H and I multiples of 32) on sm_90: two persistent launches
+//     that feed the selected experts' weights through bulk copies into a deep shared-memory
+//     ring; memory-bound, aims at the bandwidth floor.
+//   - decode (experts_decode.cuh): the same cases before sm_90 (or when x does not fit in
+//     shared memory); streams each used expert's weights once with 16-byte loads.
 //   - skinny (experts_skinny.cuh): mid T (a few dozen tokens per expert on average) on the
 //     standard case; weights on the wide MMA side, each expert's tokens on the narrow side,
 //     every expert's weights streamed once; memory-bound.
@@ -11,10 +14,10 @@
 //     two grouped tensor-core GEMMs with 128-token tiles.
 //   - generic (below): everything else (fp32, swiglu_oai, biases, any strides); one thread per
 //     output element, simple and correct, not fast.
-// The environment variable ALLOCMOE_EXPERTS_PATH=decode|skinny|prefill|generic forces a path
+// The environment variable ALLOCMOE_EXPERTS_PATH=stream|decode|skinny|prefill|generic forces a path
 // (read on every call; tests use it to run every path at every T). A forced fast path on a
 // non-standard case falls back to generic; a forced decode or skinny past its slot limit falls
-// back to prefill.
+// back to prefill; a forced stream path it cannot take (T, T*K, device) falls back to decode.
 // All paths are deterministic run to run (fixed summation orders, no floating-point atomics).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -34,6 +37,7 @@
 #include "experts_decode.cuh"
 #include "experts_prefill.cuh"
 #include "experts_skinny.cuh"
+#include "experts_stream.cuh"
 #include "validation.h"
 
 namespace allocmoe {
@@ -243,6 +247,77 @@ void run_decode(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor
   else launch_decode<Elem, 8>(p, stream);
 }
 
+// Device facts the stream path needs, read once per device.
+struct StreamDevice {
+  int sms = 0, smem_optin = 0, major = 0;
+};
+const StreamDevice& stream_device() {
+  static StreamDevice cache[64];
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  static StreamDevice other;
+  StreamDevice& d = dev < 64 ? cache[dev] : other;
+  if (d.sms == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev));
+  }
+  return d;
+}
+
+// Shared memory of the two stream launches: x of the T tokens, or two buffers of act rows.
+StreamSmem stream_gate_up_smem(int T, int H) { return StreamSmem(T, H); }
+StreamSmem stream_down_smem(int T, int I) { return StreamSmem(2 * (T <= 8 ? 8 : 16), I); }
+
+// Ring depth of a stream launch: as many stages as the shared memory holds, up to the maximum.
+int stream_stages(const StreamSmem& lay, const StreamDevice& d) {
+  const int room = d.smem_optin - lay.ring_at;
+  return std::min(kStreamMaxStages, room < 0 ? 0 : room / kStreamStageBytes);
+}
+
+bool stream_fits(int64_t T, int64_t K, int64_t H, int64_t I, const StreamDevice& d) {
+  if (d.major < 9 || T > kStreamMaxTokens || T * K > kStreamMaxSlots || H > 65536 || I > 65536) return false;
+  const int t = static_cast<int>(T);
+  return stream_stages(stream_gate_up_smem(t, static_cast<int>(H)), d) >= kStreamMinStages &&
+         stream_stages(stream_down_smem(t, static_cast<int>(I)), d) >= kStreamMinStages;
+}
+
+template <typename Elem, int NT>
+void launch_stream(StreamParams p, const StreamDevice& d, cudaStream_t stream) {
+  static bool gate_up_done[64] = {}, down_done[64] = {};
+  set_smem_limit(reinterpret_cast<const void*>(&stream_gate_up_kernel<Elem, NT>), d.smem_optin, gate_up_done);
+  set_smem_limit(reinterpret_cast<const void*>(&stream_down_kernel<Elem, NT>), d.smem_optin, down_done);
+  // Both are programmatic dependent launches (captured into CUDA graphs as such): gate_up starts
+  // while the routing grid drains, down while gate_up drains (see experts_stream.cuh).
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(d.sms);
+  cfg.blockDim = dim3(kStreamThreads);
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  const StreamSmem gate_up_smem = stream_gate_up_smem(p.T, p.H), down_smem = stream_down_smem(p.T, p.I);
+  p.stages = stream_stages(gate_up_smem, d);
+  cfg.dynamicSmemBytes = gate_up_smem.total(p.stages);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, stream_gate_up_kernel<Elem, NT>, p));
+  p.stages = stream_stages(down_smem, d);
+  cfg.dynamicSmemBytes = down_smem.total(p.stages);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, stream_down_kernel<Elem, NT>, p));
+}
+
+template <typename Elem>
+void run_stream(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, const at::Tensor& weights,
+                const at::Tensor& ids, at::Tensor& out, cudaStream_t stream) {
+  const int T = x.size(0), H = x.size(1), E = gate_up.size(0), I = gate_up.size(1) / 2, K = ids.size(1);
+  at::Tensor act = at::empty({(int64_t)T * K, I}, x.options());
+  const StreamParams p{x.data_ptr(), gate_up.data_ptr(), down.data_ptr(), weights.data_ptr<float>(),
+                       ids.data_ptr<int>(), act.data_ptr(), out.data_ptr(), T, K, E, H, I, 0};
+  if (T <= 8) launch_stream<Elem, 1>(p, stream_device(), stream);
+  else launch_stream<Elem, 2>(p, stream_device(), stream);
+}
+
 template <typename Elem>
 void run_skinny(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, const at::Tensor& weights,
                 const at::Tensor& ids, at::Tensor& out, cudaStream_t stream) {
@@ -356,16 +431,17 @@ void check_ids_in_range(const at::Tensor& ids, int64_t E) {
                  " is out of range [-1, E=", E, ")");
 }
 
-enum class Path { kAuto, kDecode, kSkinny, kPrefill, kGeneric };
+enum class Path { kAuto, kStream, kDecode, kSkinny, kPrefill, kGeneric };
 
 Path forced_path() {
   const char* v = std::getenv("ALLOCMOE_EXPERTS_PATH");
   if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) return Path::kAuto;
+  if (std::strcmp(v, "stream") == 0) return Path::kStream;
   if (std::strcmp(v, "decode") == 0) return Path::kDecode;
   if (std::strcmp(v, "skinny") == 0) return Path::kSkinny;
   if (std::strcmp(v, "prefill") == 0) return Path::kPrefill;
   if (std::strcmp(v, "generic") == 0) return Path::kGeneric;
-  ALLOCMOE_CHECK(false, "allocmoe.experts: ALLOCMOE_EXPERTS_PATH must be auto, decode, skinny, prefill or generic, got '",
+  ALLOCMOE_CHECK(false, "allocmoe.experts: ALLOCMOE_EXPERTS_PATH must be auto, stream, decode, skinny, prefill or generic, got '",
                  v, "'");
   return Path::kAuto;
 }
@@ -410,9 +486,12 @@ at::Tensor experts_cuda(const at::Tensor& hidden, const at::Tensor& gate_up, con
   Path path = Path::kGeneric;
   if (fast && forced != Path::kGeneric) {
     const bool decode_fits = T * K <= kDecodeMaxSlots, skinny_fits = T * K <= kSkinnyMaxSlots;
-    if (forced == Path::kDecode) path = decode_fits ? Path::kDecode : Path::kPrefill;
+    const bool stream_ok = stream_fits(T, K, H, gate_up.size(1) / 2, stream_device());
+    if (forced == Path::kStream) path = stream_ok ? Path::kStream : decode_fits ? Path::kDecode : Path::kPrefill;
+    else if (forced == Path::kDecode) path = decode_fits ? Path::kDecode : Path::kPrefill;
     else if (forced == Path::kSkinny) path = skinny_fits ? Path::kSkinny : Path::kPrefill;
     else if (forced == Path::kPrefill) path = Path::kPrefill;
+    else if (stream_ok) path = Path::kStream;
     else if (T <= kDecodeMaxTokens && decode_fits) path = Path::kDecode;
     else if (skinny_fits && T * K <= kSkinnyMaxAvgSlots * E) path = Path::kSkinny;
     else path = Path::kPrefill;
@@ -421,11 +500,13 @@ at::Tensor experts_cuda(const at::Tensor& hidden, const at::Tensor& gate_up, con
     run_generic(x, gate_up, down, w, id, gate_up_bias, down_bias, activation == Activation::kSwigluOai, swiglu_alpha,
                 swiglu_limit, out, stream);
   } else if (x.scalar_type() == at::kBFloat16) {
-    if (path == Path::kDecode) run_decode<__nv_bfloat16>(x, gate_up, down, w, id, out, stream);
+    if (path == Path::kStream) run_stream<__nv_bfloat16>(x, gate_up, down, w, id, out, stream);
+    else if (path == Path::kDecode) run_decode<__nv_bfloat16>(x, gate_up, down, w, id, out, stream);
     else if (path == Path::kSkinny) run_skinny<__nv_bfloat16>(x, gate_up, down, w, id, out, stream);
     else run_prefill<__nv_bfloat16>(x, gate_up, down, w, id, out, stream);
   } else {
-    if (path == Path::kDecode) run_decode<__half>(x, gate_up, down, w, id, out, stream);
+    if (path == Path::kStream) run_stream<__half>(x, gate_up, down, w, id, out, stream);
+    else if (path == Path::kDecode) run_decode<__half>(x, gate_up, down, w, id, out, stream);
     else if (path == Path::kSkinny) run_skinny<__half>(x, gate_up, down, w, id, out, stream);
     else run_prefill<__half>(x, gate_up, down, w, id, out, stream);
   }

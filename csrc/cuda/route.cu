@@ -49,6 +49,9 @@ template <int V, bool kCluster, typename in_t>
 __global__ void __launch_bounds__(1024) route_warp_kernel(const in_t* __restrict__ logits, RouteArgs a,
                                                           float* __restrict__ weights, int32_t* __restrict__ ids) {
   extern __shared__ uint4 smem4[];
+  // A programmatic dependent launch after this one (the experts op's stream path) may get its
+  // CTAs resident and set up now; it waits for this grid before it reads ids or weights.
+  route_allow_next_grid();
   uint32_t* smem = reinterpret_cast<uint32_t*>(smem4);
   const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   uint32_t* pool = smem + 3 * 256;

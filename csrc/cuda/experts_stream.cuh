@@ -1,0 +1,530 @@
+// Small-T ("stream") path of the CUDA `experts` op on sm_90: bf16/fp16, silu, no biases,
+// contiguous gate_up [E, 2I, H] and down [E, H, I], H and I multiples of 32, T <= 16.
+//
+// At decode sizes the op is one long read of the selected experts' weights; the only goal is
+// to keep HBM busy from the first byte to the last. The decode path (experts_decode.cuh) reads
+// with 16-byte ld.global from every thread and reaches ~2 TB/s; here the weights travel through
+// the copy engine of each SM (cp.async.bulk, "TMA" without a tensor map) into a deep ring of
+// shared memory, so that ~200 KB per SM are in flight whatever the warps are doing.
+//
+// Two persistent launches of one CTA per SM (8 consumer warps + 1 producer warp):
+//   1. gate_up: work items (j-th used expert, 8 intermediate rows) split evenly over the CTAs.
+//      A stage holds 16 weight rows x 512 k: gate rows r..r+7 then up rows I+r..I+r+7, so one
+//      m16 tile has the gate and the up value of a row in the same thread (SiLU*up needs no
+//      exchange). The tokens (B operand, 8 per n tile) come from x, staged in shared memory once.
+//      act[slot, r..r+7] = SiLU(gate) * up, rounded to the dtype.
+//   2. down (programmatic dependent launch): a CTA owns 16 output rows (a tile; the next tile
+//      is gridDim.x further) and streams those rows of every used expert in turn, so the sum
+//      over a token's experts stays in the CTA: no partial outputs in memory, no cross-CTA
+//      reduction, deterministic. The producer starts streaming as soon as the CTA is resident,
+//      before the gate_up grid has finished; the consumers wait for it (griddepcontrol.wait)
+//      only before they read act, so the ring fills up during the hand-over. The act rows of
+//      the next expert are fetched (cp.async) while the current one is multiplied.
+// Inside a stage the 8 consumer warps split k (32-wide chunks), multiply with mma.sync m16n8k16
+// on the permuted-k fragments of experts_mma.cuh (a thread reads 16 contiguous bytes of rows g
+// and g+8 and of its token), and meet in shared memory in warp order at the end of an item.
+// Every CTA builds the same expert and slot lists from ids (no host sync, no alignment launch).
+#pragma once
+
+#include "experts_mma.cuh"
+
+namespace allocmoe::cuda_experts {
+
+constexpr int kStreamConsumerWarps = 8;
+constexpr int kStreamConsumers = kStreamConsumerWarps * 32;
+constexpr int kStreamThreads = kStreamConsumers + 32;  // + the producer warp
+constexpr int kStreamRows = 16;                          // weight rows per stage: one m16 tile
+constexpr int kStreamChunk = 512;                        // k per stage row: 1 KB bulk copies
+// Stage row pitch: 1024 + 64 bytes. 272 words = 16 mod 32, so the two rows (g, g + 1) that a
+// quarter warp reads with 16-byte loads sit on disjoint bank halves: no conflicts.
+constexpr int kStreamPitch = kStreamChunk * 2 + 64;
+constexpr int kStreamStageBytes = kStreamRows * kStreamPitch;
+constexpr int kStreamMaxStages = 16;
+constexpr int kStreamMinStages = 4;
+constexpr int kStreamMaxTokens = 16;
+constexpr int kStreamMaxSlots = 256;  // T*K: one slot per thread while the lists are built
+constexpr int kStreamRedStride = kStreamRows + 1;  // floats per (warp, pair) in the reduction buffer
+
+// Timing hooks for the standalone harness only (never defined in the library build).
+#ifdef ALLOCMOE_STREAM_TRACE
+__device__ unsigned long long* g_stream_trace;
+#define STREAM_TRACE(ev)                                                         \
+  do {                                                                           \
+    if (threadIdx.x == 0) {                                                      \
+      unsigned long long t_;                                                     \
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));                     \
+      g_stream_trace[(ev) * 1024 + blockIdx.x] = t_;                             \
+    }                                                                            \
+  } while (0)
+#else
+#define STREAM_TRACE(ev) \
+  do {                   \
+  } while (0)
+#endif
+
+static_assert(kStreamMaxSlots <= kStreamThreads, "one thread per slot when the lists are built");
+
+struct StreamParams {
+  const void* x;         // hidden [T, H]
+  const void* gate_up;   // [E, 2I, H]
+  const void* down;      // [E, H, I]
+  const float* weights;  // [T, K]
+  const int* ids;        // [T, K]
+  void* act;             // [T*K, I] scratch, input dtype
+  void* out;             // [T, H]
+  int T, K, E, H, I;
+  int stages;            // ring depth of this launch (host: what the shared memory holds)
+};
+
+// Row pitch in shared memory of a [rows][len] 16-bit operand: len*2 bytes padded to 16 mod 32
+// words, so the rows g and g + 1 that a quarter warp reads with 16-byte loads sit on disjoint
+// bank halves (the same rule as kStreamPitch).
+__host__ __device__ constexpr int stream_row_pitch(int len) {
+  return (len / 2 + (((16 - len / 2) % 32) + 32) % 32) * 4;
+}
+
+// Shared memory of one CTA: [mbarriers | lists | reduction buffers | operand rows | ring].
+// The operand rows are the tokens' x (gate_up: T rows of H) or two buffers of act rows
+// (down: 2 x NT*8 rows of I, the next expert's rows load while the current one is multiplied).
+struct StreamSmem {
+  static constexpr int kBarBytes = 2 * kStreamMaxStages * 8;
+  static constexpr int kListInts = 5 * kStreamMaxSlots + 8;
+  static constexpr int kListsAt = kBarBytes;
+  static constexpr int kRedAt = kListsAt + kListInts * 4;
+  static constexpr int kRedBytes = kStreamConsumerWarps * 16 * kStreamRedStride * 4;
+  static constexpr int kPairSumsAt = kRedAt + kRedBytes;  // [16 pairs][kStreamRedStride] floats
+  static constexpr int kOutAccAt = kPairSumsAt + 16 * kStreamRedStride * 4;  // [kStreamMaxTokens][16] floats
+  static constexpr int kOperandAt = (kOutAccAt + kStreamMaxTokens * 16 * 4 + 127) / 128 * 128;
+  int pitch, ring_at;
+  __host__ __device__ StreamSmem(int operand_rows, int operand_len) {
+    pitch = stream_row_pitch(operand_len);
+    ring_at = (kOperandAt + operand_rows * pitch + 127) / 128 * 128;
+  }
+  __host__ __device__ int total(int stages) const { return ring_at + stages * kStreamStageBytes; }
+};
+
+// ---------------------------------------------------------------------------------------------
+// mbarrier and bulk-copy primitives (sm_90; empty bodies when compiled for older targets, which
+// the host never launches this path on).
+// ---------------------------------------------------------------------------------------------
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
+#endif
+}
+__device__ __forceinline__ void mbar_init_fence() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+#endif
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+#endif
+}
+// Waits until the phase of parity `parity` has completed.
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (!done);
+#endif
+}
+// L2 policy for weights read exactly once: evict them first, keep x / act / y resident.
+__device__ __forceinline__ uint64_t evict_first_policy() {
+  uint64_t policy = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+#endif
+  return policy;
+}
+// global -> shared bulk copy (bytes % 16 == 0, both addresses 16-byte aligned) that reports its
+// bytes to the mbarrier `bar`.
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar,
+                                          uint64_t policy) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;\n" ::
+          "r"(dst),
+      "l"(src), "r"(bytes), "r"(bar), "l"(policy)
+      : "memory");
+#endif
+}
+// The consumer warps' own barrier (the producer warp never joins it).
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;\n" ::"n"(kStreamConsumers) : "memory"); }
+
+// Position in the ring of stages, advanced in the same order by the producer and the consumers.
+struct RingPos {
+  int stage = 0;
+  uint32_t phase = 0;
+  __device__ __forceinline__ void next(int stages) {
+    if (++stage == stages) stage = 0, phase ^= 1u;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Expert and slot lists, built by every CTA from ids (all threads of the CTA take part).
+// ---------------------------------------------------------------------------------------------
+struct StreamLists {
+  int* list;   // valid slots grouped by used expert (first-appearance order), increasing within
+  int* used;   // expert id of the j-th used expert
+  int* start;  // list[start[j] .. start[j+1]) are the slots of the j-th used expert
+  int nused;
+};
+
+__device__ __forceinline__ StreamLists build_stream_lists(const int* __restrict__ ids, int TK, int E, int* s) {
+  int* s_ids = s;
+  int* s_first = s + kStreamMaxSlots;
+  StreamLists L{s + 2 * kStreamMaxSlots, s + 3 * kStreamMaxSlots, s + 4 * kStreamMaxSlots, 0};
+  const int i = threadIdx.x;
+  if (i < TK) {
+    const int v = ids[i];
+    s_ids[i] = (v >= 0 && v < E) ? v : -1;  // out-of-range ids are skipped like -1
+  }
+  __syncthreads();
+  // f: the first slot naming the same expert; before: slots before i naming it.
+  int e = -1, f = -1, before = 0;
+  if (i < TK && (e = s_ids[i]) >= 0) {
+    f = i;
+    for (int j = 0; j < i; ++j)
+      if (s_ids[j] == e) {
+        if (f == i) f = j;
+        ++before;
+      }
+  }
+  if (i < TK) s_first[i] = f;
+  const int nused = __syncthreads_count(f >= 0 && f == i);
+  const int valid = __syncthreads_count(f >= 0);
+  if (f >= 0) {
+    int pos = before, j_used = 0;  // slots of experts that appeared earlier come first
+    for (int j = 0; j < TK; ++j) {
+      const int fj = s_first[j];
+      pos += (fj >= 0 && fj < f);
+      j_used += (fj == j && j < f);
+    }
+    L.list[pos] = i;
+    if (before == 0) L.used[j_used] = e, L.start[j_used] = pos;
+  }
+  if (i == 0) L.start[nused] = valid;
+  __syncthreads();
+  L.nused = nused;
+  return L;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Producer (one warp): streams 16 weight rows x kdim per unit, in stages of kStreamChunk, once
+// per pass of the consumers, in exactly their order. Lanes 0..15 each copy one row of a stage.
+// ---------------------------------------------------------------------------------------------
+struct Producer {
+  uint32_t full0, empty0, ring;
+  int stages;
+  uint64_t policy;
+  RingPos pos;
+  // row: this lane's weight row (lanes >= kStreamRows pass anything; it is not read).
+  __device__ __forceinline__ void unit(const void* row, int kdim, int passes) {
+    const int lane = threadIdx.x & 31;
+    const char* src = static_cast<const char*>(row);
+    for (int pass = 0; pass < passes; ++pass)
+      for (int k0 = 0; k0 < kdim; k0 += kStreamChunk) {
+        const uint32_t bytes = static_cast<uint32_t>(min(kStreamChunk, kdim - k0)) * 2u;
+        mbar_wait(empty0 + 8 * pos.stage, pos.phase ^ 1u);
+        if (lane == 0) mbar_arrive_expect_tx(full0 + 8 * pos.stage, bytes * kStreamRows);
+        __syncwarp();
+        if (lane < kStreamRows)
+          bulk_copy(ring + pos.stage * kStreamStageBytes + lane * kStreamPitch, src + (size_t)k0 * 2, bytes,
+                    full0 + 8 * pos.stage, policy);
+        pos.next(stages);
+      }
+  }
+};
+
+// Consumers: one pass (NT*8 pairs) of one item. brow[nt] points at this thread's token row
+// (element 8c of it); kShared: it lives in shared memory (x), else in global memory (act).
+template <typename T, int NT, bool kShared>
+__device__ __forceinline__ void consume_pass(float (&acc)[NT][4], const T* const (&brow)[NT], int npass, int kdim,
+                                             uint32_t full0, uint32_t empty0, const unsigned char* ring, int stages,
+                                             RingPos& pos) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
+  const uint4 zero = make_uint4(0u, 0u, 0u, 0u);
+  for (int k0 = 0; k0 < kdim; k0 += kStreamChunk) {
+    const int nch = min(kStreamChunk, kdim - k0) / 32;
+    // kStreamChunk / 32 = 16 chunks per stage, two per warp.
+    uint4 b[2][NT];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int ch = warp + u * kStreamConsumerWarps;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const bool live = ch < nch && (NT == 1 || nt * 8 < npass);
+        const T* src = brow[nt] + k0 + ch * 32;
+        b[u][nt] = !live ? zero : (kShared ? load_shared16(src) : load_cached16(src));
+      }
+    }
+    mbar_wait(full0 + 8 * pos.stage, pos.phase);
+    const unsigned char* st = ring + pos.stage * kStreamStageBytes;
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int ch = warp + u * kStreamConsumerWarps;
+      if (ch < nch) {
+        const uint4 a0 = load_shared16(st + g * kStreamPitch + (ch * 32 + 8 * c) * 2);
+        const uint4 a8 = load_shared16(st + (g + 8) * kStreamPitch + (ch * 32 + 8 * c) * 2);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+          if (NT == 1 || nt * 8 < npass) mma_k32<T>(acc[nt], a0, a8, b[u][nt]);
+      }
+    }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(empty0 + 8 * pos.stage);
+    pos.next(stages);
+  }
+}
+
+// Writes one warp's accumulators to red[warp][pair][row] (row = m16 row, pair = n column).
+template <int NT>
+__device__ __forceinline__ void stash_partials(float* red, const float (&acc)[NT][4]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
+  float* my = red + (size_t)warp * 16 * kStreamRedStride;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) my[(nt * 8 + 2 * c + (i & 1)) * kStreamRedStride + g + ((i >> 1) << 3)] = acc[nt][i];
+}
+
+__device__ __forceinline__ float sum_partials(const float* red, int pair, int row) {
+  float s = 0.f;
+#pragma unroll
+  for (int w = 0; w < kStreamConsumerWarps; ++w) s += red[((size_t)w * 16 + pair) * kStreamRedStride + row];
+  return s;
+}
+
+struct StreamShared {
+  uint32_t full0, empty0, ring;
+  unsigned char* ring_ptr;
+  float* red;
+  int* lists;
+};
+
+// Barrier setup: full barriers get one arrival (the producer's expect_tx) plus the bytes,
+// empty barriers one arrival per consumer warp.
+__device__ __forceinline__ StreamShared stream_shared(unsigned char* smem, const StreamSmem& lay, int stages) {
+  StreamShared s;
+  s.full0 = smem_addr(smem);
+  s.empty0 = s.full0 + 8 * kStreamMaxStages;
+  s.ring_ptr = smem + lay.ring_at;
+  s.ring = smem_addr(s.ring_ptr);
+  s.red = reinterpret_cast<float*>(smem + StreamSmem::kRedAt);
+  s.lists = reinterpret_cast<int*>(smem + StreamSmem::kListsAt);
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < stages; ++i) {
+      mbar_init(s.full0 + 8 * i, 1);
+      mbar_init(s.empty0 + 8 * i, kStreamConsumerWarps);
+    }
+    mbar_init_fence();
+  }
+  return s;
+}
+
+template <typename T, int NT>
+__global__ void __launch_bounds__(kStreamThreads, 1) stream_gate_up_kernel(StreamParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const StreamSmem lay(p.T, p.H);
+  const StreamShared sh = stream_shared(smem, lay, p.stages);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
+  const int H = p.H, I = p.I, K = p.K;
+  STREAM_TRACE(0);
+  wait_for_previous_grid();  // ids and x may come from the grid before
+  allow_next_grid();         // the down grid may take each SM as soon as this grid leaves it
+  const StreamLists L = build_stream_lists(p.ids, p.T * K, p.E, sh.lists);
+  STREAM_TRACE(1);
+  // Items (j-th used expert, 8 intermediate rows), split evenly over the grid.
+  const int tiles = I / 8;
+  const long long count = (long long)L.nused * tiles;
+  const int first = static_cast<int>(count * blockIdx.x / gridDim.x);
+  const int last = static_cast<int>(count * (blockIdx.x + 1) / gridDim.x);
+  if (first >= last) return;
+  const T* gu = static_cast<const T*>(p.gate_up);
+
+  if (warp == kStreamConsumerWarps) {
+    Producer prod{sh.full0, sh.empty0, sh.ring, p.stages, evict_first_policy(), {}};
+    for (int item = first; item < last; ++item) {
+      const int j = item / tiles, r0 = (item % tiles) * 8;
+      const int row = lane < 8 ? r0 + lane : I + r0 + (lane - 8);  // gate rows, then up rows
+      const int npairs = L.start[j + 1] - L.start[j];
+      prod.unit(gu + ((size_t)L.used[j] * 2 * I + row) * H, H, (npairs + NT * 8 - 1) / (NT * 8));
+    }
+    return;
+  }
+
+  // x -> shared memory, [T][pitch], while the first stages are in flight.
+  unsigned char* xs = smem + StreamSmem::kOperandAt;
+  const int vec = H / 8;
+  for (int idx = tid; idx < p.T * vec; idx += kStreamConsumers) {
+    const int t = idx / vec, v = idx % vec;
+    *reinterpret_cast<uint4*>(xs + (size_t)t * lay.pitch + v * 16) =
+        load_cached16(static_cast<const T*>(p.x) + (size_t)t * H + v * 8);
+  }
+  consumers_sync();
+  STREAM_TRACE(2);
+
+  T* act = static_cast<T*>(p.act);
+  RingPos pos;
+  for (int item = first; item < last; ++item) {
+    const int j = item / tiles, r0 = (item % tiles) * 8;
+    const int s0 = L.start[j], npairs = L.start[j + 1] - s0;
+    for (int p0 = 0; p0 < npairs; p0 += NT * 8) {
+      const int npass = min(NT * 8, npairs - p0);
+      const T* brow[NT];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int pr = p0 + nt * 8 + g;
+        const int slot = L.list[s0 + (pr < npairs ? pr : p0)];
+        brow[nt] = reinterpret_cast<const T*>(xs + (size_t)(slot / K) * lay.pitch) + 8 * c;
+      }
+      float acc[NT][4];
+      consume_pass<T, NT, true>(acc, brow, npass, H, sh.full0, sh.empty0, sh.ring_ptr, p.stages, pos);
+      stash_partials<NT>(sh.red, acc);
+      consumers_sync();
+      for (int idx = tid; idx < npass * 8; idx += kStreamConsumers) {
+        const int pl = idx >> 3, r = idx & 7;
+        const float gs = sum_partials(sh.red, pl, r), us = sum_partials(sh.red, pl, r + 8);
+        act[(size_t)L.list[s0 + p0 + pl] * I + r0 + r] = Mma16<T>::from_float(silu(gs) * us);
+      }
+      consumers_sync();
+    }
+  }
+  STREAM_TRACE(3);
+}
+
+// One unit of the down grid: output row tile `tile`, j-th used expert, pairs p0 .. p0 + NT*8.
+// Units run tile by tile (tiles blockIdx.x, + gridDim.x, ...), every used expert of a tile in
+// order, so the whole sum of a tile's rows stays in this CTA.
+template <int NT>
+struct DownUnit {
+  int tile, j, p0;
+  __device__ __forceinline__ void next(const StreamLists& L) {
+    p0 += NT * 8;
+    if (p0 >= L.start[j + 1] - L.start[j]) {
+      p0 = 0;
+      if (++j == L.nused) j = 0, tile += gridDim.x;
+    }
+  }
+};
+
+template <typename T, int NT>
+__global__ void __launch_bounds__(kStreamThreads, 1) stream_down_kernel(StreamParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  constexpr int kBufRows = NT * 8;
+  const StreamSmem lay(2 * kBufRows, p.I);
+  const StreamShared sh = stream_shared(smem, lay, p.stages);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
+  const int H = p.H, I = p.I, K = p.K, ntok = p.T;
+  const int tiles = H / kStreamRows;
+  T* out = static_cast<T*>(p.out);
+  STREAM_TRACE(4);
+
+  // ids were final before the gate_up grid started, so the lists and the weight stream need
+  // not wait for it; only act and the output do.
+  const StreamLists L = build_stream_lists(p.ids, ntok * K, p.E, sh.lists);
+  STREAM_TRACE(5);
+  if (L.nused == 0) {  // nothing routed anywhere: the output is zero
+    wait_for_previous_grid();
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x)
+      for (int idx = tid; idx < ntok * kStreamRows; idx += kStreamThreads)
+        out[(size_t)(idx / kStreamRows) * H + tile * kStreamRows + idx % kStreamRows] = Mma16<T>::from_float(0.f);
+    return;
+  }
+  if ((int)blockIdx.x >= tiles) return;
+  const T* dn = static_cast<const T*>(p.down);
+
+  if (warp == kStreamConsumerWarps) {
+    Producer prod{sh.full0, sh.empty0, sh.ring, p.stages, evict_first_policy(), {}};
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x)
+      for (int j = 0; j < L.nused; ++j) {
+        const int npairs = L.start[j + 1] - L.start[j];
+        prod.unit(dn + ((size_t)L.used[j] * H + tile * kStreamRows + (lane & 15)) * I, I,
+                  (npairs + kBufRows - 1) / kBufRows);
+      }
+    return;
+  }
+
+  float* pair_sums = reinterpret_cast<float*>(smem + StreamSmem::kPairSumsAt);
+  float* out_acc = reinterpret_cast<float*>(smem + StreamSmem::kOutAccAt);
+  unsigned char* bufs = smem + StreamSmem::kOperandAt;
+  const T* act = static_cast<const T*>(p.act);
+  // act rows of unit u's pairs -> buffer b (16-byte cp.async; one commit group per unit).
+  auto load_act = [&](const DownUnit<NT>& u, int b) {
+    const int s0 = L.start[u.j], npass = min(kBufRows, L.start[u.j + 1] - s0 - u.p0), vec = I / 8;
+    for (int idx = tid; idx < npass * vec; idx += kStreamConsumers) {
+      const int pl = idx / vec, v = idx % vec;
+      cp_async16(bufs + (size_t)(b * kBufRows + pl) * lay.pitch + v * 16,
+                 act + (size_t)L.list[s0 + u.p0 + pl] * I + v * 8, 16);
+    }
+    cp_async_commit();
+  };
+  for (int idx = tid; idx < ntok * kStreamRows; idx += kStreamConsumers) out_acc[idx] = 0.f;
+
+  wait_for_previous_grid();  // act is complete and visible from here on
+  STREAM_TRACE(6);
+  DownUnit<NT> u{static_cast<int>(blockIdx.x), 0, 0};
+  load_act(u, 0);
+  RingPos pos;
+  for (int q = 0; u.tile < tiles; ++q) {
+    DownUnit<NT> nx = u;
+    nx.next(L);
+    if (nx.tile < tiles) load_act(nx, (q + 1) & 1);
+    else cp_async_commit();  // an empty group keeps the count below uniform
+    cp_async_wait<1>();      // this unit's rows have landed (the next unit's may still fly)
+    consumers_sync();
+
+    const int s0 = L.start[u.j], npairs = L.start[u.j + 1] - s0, npass = min(kBufRows, npairs - u.p0);
+    const unsigned char* buf = bufs + (size_t)(q & 1) * kBufRows * lay.pitch;
+    const T* brow[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const int pl = nt * 8 + g;
+      brow[nt] = reinterpret_cast<const T*>(buf + (size_t)(pl < npass ? pl : 0) * lay.pitch) + 8 * c;
+    }
+    float acc[NT][4];
+    consume_pass<T, NT, true>(acc, brow, npass, I, sh.full0, sh.empty0, sh.ring_ptr, p.stages, pos);
+    stash_partials<NT>(sh.red, acc);
+    consumers_sync();
+    for (int idx = tid; idx < npass * kStreamRows; idx += kStreamConsumers) {
+      const int pl = idx / kStreamRows, r = idx % kStreamRows;
+      pair_sums[pl * kStreamRedStride + r] = sum_partials(sh.red, pl, r);
+    }
+    consumers_sync();
+    // One thread per output row adds the pairs in order (a row may name an expert twice, so
+    // two pairs can share a token): deterministic, no races.
+    if (tid < kStreamRows)
+      for (int pl = 0; pl < npass; ++pl) {
+        const int slot = L.list[s0 + u.p0 + pl];
+        out_acc[(slot / K) * kStreamRows + tid] += p.weights[slot] * pair_sums[pl * kStreamRedStride + tid];
+      }
+    if (nx.tile != u.tile) {  // the tile is complete: write every token's rows, reset the sums
+      consumers_sync();
+      for (int idx = tid; idx < ntok * kStreamRows; idx += kStreamConsumers) {
+        const int t = idx / kStreamRows, r = idx % kStreamRows;
+        out[(size_t)t * H + u.tile * kStreamRows + r] = Mma16<T>::from_float(out_acc[idx]);
+        out_acc[idx] = 0.f;
+      }
+    }
+    u = nx;
+  }
+  STREAM_TRACE(7);
+}
+
+}  // namespace allocmoe::cuda_experts
