@@ -1,5 +1,7 @@
 """Small driver for compute-sanitizer (memcheck, racecheck): every CUDA path of route and moe once."""
 
+import os
+
 import torch
 
 from allocmoe_ext import ops
@@ -10,7 +12,8 @@ for T, E, K, budget in ((1, 64, 6, 3.0), (16, 60, 4, 2.5), (64, 64, 6, 3.0), (30
 ops.route(torch.randn(20, 64, device="cuda"), 6, 3.0, scoring="sigmoid_group", n_group=8, topk_group=4,
           correction_bias=torch.rand(64, device="cuda"))
 H, I, E = 256, 128, 16
-for T in (1, 3, 16):
+for path, T in [(p, T) for p in ("fused", "composite") for T in (1, 3, 16)]:
+    os.environ["ALLOCMOE_MOE_PATH"] = path  # the one-launch kernel and the composition
     ops.moe(torch.randn(T, H, device="cuda").bfloat16(), torch.randn(E, H, device="cuda").bfloat16(),
             torch.randn(E, 2 * I, H, device="cuda").bfloat16(), torch.randn(E, H, I, device="cuda").bfloat16(),
             4, 2.5, shared_gate_up=torch.randn(1, 2 * I, H, device="cuda").bfloat16(),

@@ -1,4 +1,5 @@
-"""CUDA `moe` (fused one-launch decode kernel for T <= 16, composition above) vs the CPU op.
+"""CUDA `moe` vs the CPU op, on both of its paths: the fused one-launch decode kernel (T <= 16)
+and the composition (router matmul + route + experts), forced through ALLOCMOE_MOE_PATH, and auto.
 
 Marked `cuda`; skipped without a GPU or without a CUDA build of the extension.
 """
@@ -12,6 +13,13 @@ from allocmoe_ext import ops
 from cuda_marks import CUDA_ONLY, poison_cache
 
 pytestmark = CUDA_ONLY
+
+
+@pytest.fixture(autouse=True, params=["auto", "fused", "composite"])
+def moe_path(request, monkeypatch):
+    """Every test runs on every path of the CUDA moe op (csrc/cuda/moe_decode.cu)."""
+    monkeypatch.setenv("ALLOCMOE_MOE_PATH", request.param)
+    return request.param
 
 
 def make_layer(T, H, I, E, S, Is, dtype, seed, shared_gate=False):
@@ -113,3 +121,10 @@ def test_moe_opcheck():
         torch.ops.allocmoe.moe.default, args,
         dict(shared_gate_up=layer["shared_gate_up"], shared_down=layer["shared_down"]),
     )
+
+
+def test_moe_bad_path_env_names_it(monkeypatch):
+    monkeypatch.setenv("ALLOCMOE_MOE_PATH", "fastest")
+    layer = {k: v.cuda() for k, v in make_layer(1, 256, 128, 8, 0, 0, torch.bfloat16, seed=1).items()}
+    with pytest.raises(RuntimeError, match="ALLOCMOE_MOE_PATH"):
+        ops.moe(**layer, top_k=2, budget=2.0)

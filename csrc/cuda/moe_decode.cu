@@ -16,11 +16,20 @@
 // The weights of each selected expert are read exactly once and every SM streams from the start,
 // which is what a memory-bound decode step needs. Anything else (more tokens, strided or
 // unaligned weights, very large H) goes through the composition of route + experts.
+//
+// Which one runs (ALLOCMOE_MOE_PATH=auto|fused|composite forces it): on sm_90 and newer the
+// composition (router matmul + route + the experts op's stream path, experts_stream.cuh) is
+// faster at every T (H100, DeepSeek-V2-Lite layer, T=1: 46.6 us route + experts against 67.0
+// for this kernel; T=16: 339 against 1542; bench/results/layer_*_2026-11-23_020911.md, whose
+// "fused" column is this kernel), so auto takes it there; this kernel is auto's choice for
+// T <= 16 on older GPUs.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cooperative_groups.h>
+#include <cstdlib>
+#include <cstring>
 #include <torch/library.h>
 
 #include "common/arg_checks.h"
@@ -466,7 +475,7 @@ __global__ void __launch_bounds__(kThreads, 1) moe_decode_kernel(MoeArgs m) {
 }
 
 struct DeviceInfo {
-  int sms = 0, smem_optin = 0, coop = 0;
+  int sms = 0, smem_optin = 0, coop = 0, major = 0;
 };
 const DeviceInfo& device_info(int dev) {
   static DeviceInfo info[64];
@@ -475,6 +484,7 @@ const DeviceInfo& device_info(int dev) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&info[dev].sms, cudaDevAttrMultiProcessorCount, dev));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&info[dev].smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&info[dev].coop, cudaDevAttrCooperativeLaunch, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info[dev].major, cudaDevAttrComputeCapabilityMajor, dev));
   });
   return info[dev];
 }
@@ -502,6 +512,18 @@ bool dispatch_tokens(const MoeArgs& m, size_t smem, int nblocks, cudaStream_t st
 }
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+enum class MoePath { kAuto, kFused, kComposite };
+
+// ALLOCMOE_MOE_PATH, read on every call (tests force both paths).
+MoePath forced_moe_path() {
+  const char* v = std::getenv("ALLOCMOE_MOE_PATH");
+  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) return MoePath::kAuto;
+  if (std::strcmp(v, "fused") == 0) return MoePath::kFused;
+  if (std::strcmp(v, "composite") == 0) return MoePath::kComposite;
+  ALLOCMOE_CHECK(false, "allocmoe.moe: ALLOCMOE_MOE_PATH must be auto, fused or composite, got '", v, "'");
+  return MoePath::kAuto;
+}
 
 }  // namespace
 
@@ -545,6 +567,8 @@ at::Tensor moe_cuda(const at::Tensor& hidden, const at::Tensor& router_weight, c
   }
   if (shared_gate.has_value()) fusable = fusable && shared_gate->is_contiguous() && aligned16(*shared_gate);
   const DeviceInfo& info = device_info(hidden.get_device());
+  const MoePath path = forced_moe_path();
+  if (path == MoePath::kComposite || (path == MoePath::kAuto && info.major >= 9)) return composite();
   fusable = fusable && info.coop != 0;
   const int nblocks = std::min(info.sms, kMaxBlocks);
   const int64_t units_max = S * (Is / V) + std::min<int64_t>(E, T * top_k) * (I / V);

@@ -94,24 +94,14 @@ __global__ void __launch_bounds__(1024) route_cut_kernel(const uint32_t* __restr
   __shared__ unsigned long long range[2 * 32];
   route_allow_next_grid();
   route_wait_previous_grid();
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const int pt = a.K - a.k_base, N = a.T * pt;
+  // Range of all keys: token t's largest is its first pool entry, its smallest its last.
   unsigned long long lo = ~0ull, hi = 0ull;
   for (int t = threadIdx.x; t < a.T; t += blockDim.x) {
     hi = max(hi, alloc_key(pool[t * pt], static_cast<uint32_t>(t * pt)));
     lo = min(lo, alloc_key(pool[t * pt + pt - 1], static_cast<uint32_t>(t * pt + pt - 1)));
   }
-  warp_key_range(lo, hi);
-  for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0u;
-  if (lane == 0) {
-    range[2 * warp] = lo;
-    range[2 * warp + 1] = hi;
-  }
-  __syncthreads();
-  lo = lane < nwarps ? range[2 * lane] : ~0ull;
-  hi = lane < nwarps ? range[2 * lane + 1] : 0ull;
-  warp_key_range(lo, hi);
-  const AllocCut c = block_alloc_cut(pool, N, a.extra, hist, lo, hi);
+  const AllocCut c = block_range_cut(pool, N, a.extra, hist, range, lo, hi);
   if (threadIdx.x == 0) cut[0] = c.thr;
 }
 

@@ -416,6 +416,25 @@ __device__ inline AllocCut block_alloc_cut(const uint32_t* pool, int N, long lon
   return AllocCut{prefix, 2};
 }
 
+// The Alloc-T cut for a whole block: the key range (lo, hi) of every thread (any split of the
+// keys) is reduced over the block, then block_alloc_cut runs on pool[0, N). Every thread calls
+// it; hist (3 * 256 words) and range (64 words) are shared scratch.
+__device__ inline AllocCut block_range_cut(const uint32_t* pool, int N, long long need, uint32_t* hist,
+                                           unsigned long long* range, unsigned long long lo, unsigned long long hi) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  warp_key_range(lo, hi);
+  for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0u;
+  if (lane == 0) {
+    range[2 * warp] = lo;
+    range[2 * warp + 1] = hi;
+  }
+  __syncthreads();
+  lo = lane < nwarps ? range[2 * lane] : ~0ull;
+  hi = lane < nwarps ? range[2 * lane + 1] : 0ull;
+  warp_key_range(lo, hi);
+  return block_alloc_cut(pool, N, need, hist, lo, hi);
+}
+
 // Writes the final slots of tokens t_begin .. t_end - 1 with the calling warp (a segment of
 // route_rank_lanes(K) lanes per token): ids[t, :n] and their weights (renormalised over the kept
 // slots if asked, then scaled), -1 / 0 after. cand_p / cand_id hold the candidates (any address
@@ -595,7 +614,7 @@ __host__ __device__ inline int route_block_scratch_words(int T, int E, int K, in
 template <int V, int NT, typename in_t>
 __device__ __forceinline__ void route_block_body(const in_t* __restrict__ logits, const RouteArgs& a,
                                                  uint32_t* scratch, int32_t* ids, float* weights) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   const RouteBlockLayout L(a.T, a.E, a.K, a.n_group, nwarps);
   uint32_t* hist = scratch + L.hist;
   unsigned long long* range = reinterpret_cast<unsigned long long*>(scratch + L.range);
@@ -615,16 +634,7 @@ __device__ __forceinline__ void route_block_body(const in_t* __restrict__ logits
     }
   }
   if (mode != 2) return;
-  for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0u;
-  if (lane == 0) {
-    range[2 * warp] = lo;
-    range[2 * warp + 1] = hi;
-  }
-  __syncthreads();
-  lo = lane < nwarps ? range[2 * lane] : ~0ull;
-  hi = lane < nwarps ? range[2 * lane + 1] : 0ull;
-  warp_key_range(lo, hi);
-  const AllocCut cut = block_alloc_cut(pool, N, a.extra, hist, lo, hi);
+  const AllocCut cut = block_range_cut(pool, N, a.extra, hist, range, lo, hi);
   const int per = 32 / route_rank_lanes(a.K);
   for (int t0 = warp * per; t0 < a.T; t0 += nwarps * per)
     finalize_rows_warp<false>(t0, min(t0 + per, a.T), a, cut, cand_p, cand_id, pool, weights, ids);

@@ -27,8 +27,9 @@ the whole MoE block (router + experts + shared experts):
 - forward has the replaced block's signature and returns (GPT-OSS: ``(hidden, router_scores)``).
 - realised activations are counted on device into two buffers per block (no host sync).
 - for topk/alloc_t policies and SiLU experts, router + route + routed experts can run as the one
-  fused ``ops.moe`` call (``block.fused``: "auto" = on CUDA for decode-sized calls of <= 16
-  tokens, "always", "never"); it selects exactly what the unfused path selects.
+  fused ``ops.moe`` call (``block.fused``: "auto" = on CUDA GPUs before sm_90 for decode-sized
+  calls of <= 16 tokens, where the op is one launch; "always", "never"); it selects exactly what
+  the unfused path selects.
 The decoder layers, attention and caches are untouched, so ``generate`` works as before.
 Limitation: the model's router modules are no longer called, so ``output_router_logits``
 (the training-time load-balancing loss) records nothing for patched blocks.

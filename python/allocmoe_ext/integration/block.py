@@ -48,8 +48,16 @@ def check_policy(policy: TokenPolicy, spec: RoutingSpec, layer_index: int) -> To
 
 
 FUSED_MODES = ("auto", "always", "never")
-# "auto" fuses calls of at most this many tokens on CUDA (decode), where the op is one launch.
+# "auto" fuses calls of at most this many tokens on CUDA (decode) before sm_90, where the moe op
+# is one launch. From sm_90 on, route + the experts op's stream path is faster than the fused op
+# (H100, DeepSeek-V2-Lite layer, T=1: 46.4 us vs 58.0; bench/results/layer_*_2026-11-23_023008.md).
 FUSED_MAX_TOKENS = 16
+FUSED_BELOW_SM = 9
+
+
+@functools.lru_cache(maxsize=None)
+def _fuse_on_cuda_device(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] < FUSED_BELOW_SM
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,7 +108,7 @@ class AllocMoE(nn.Module):
         self.policy = policy if policy is not None else TokenPolicy()
         # When router + route + routed experts run as the one fused ``moe`` op (topk/alloc_t
         # policies, SiLU experts, router without bias): "auto" = on CUDA for calls of at most
-        # FUSED_MAX_TOKENS tokens, "always", "never". Same selection as the unfused path.
+        # FUSED_MAX_TOKENS tokens before sm_90, "always", "never". Same selection as the unfused path.
         self.fused = "auto"
 
     # ----- construction -------------------------------------------------------------------
@@ -161,7 +169,8 @@ class AllocMoE(nn.Module):
         if (self.fused == "never" or self.policy.kind not in ("topk", "alloc_t")
                 or self._fusable_router_weight() is None or not _has_moe_kernel(hidden.device.type)):
             return False
-        return self.fused == "always" or (hidden.is_cuda and hidden.shape[0] <= FUSED_MAX_TOKENS)
+        return self.fused == "always" or (hidden.is_cuda and hidden.shape[0] <= FUSED_MAX_TOKENS
+                                          and _fuse_on_cuda_device(hidden.device.index or 0))
 
     def _expert_operands(self) -> dict:
         """Keyword arguments of ops.experts besides hidden/weights/ids (silu experts by default)."""

@@ -1,0 +1,238 @@
+// Standalone harness for the stream kernels of the experts op (csrc/cuda/experts_stream.cuh), no
+// torch: a kernel change is compiled here in ~10 s and measured on the GPU in ~1 s, instead of a
+// ~4 minute extension build. It prints, in one run:
+//   - ceilings: device-to-device copy, the same bulk-copy ring reading 1 GiB and the T=1 k=6 bytes
+//     with no compute, a 16-byte ld.global stream;
+//   - a check of the stream kernels against the decode kernels (experts_decode.cuh) on one layer;
+//   - a per-CTA %globaltimer trace of both launches (entry, lists built, end, ...) at T=1 and 4;
+//   - CUDA-graph timings of gate_up, down and both (PDL), DeepSeek-V2-Lite shape, 8 layers of
+//     weights rotated so nothing is served from L2.
+// Build on a machine with nvcc (no GPU needed) from the repository root, then run the binary on
+// the GPU (-DALLOCMOE_STREAM_CHUNK=768 etc. tries another stage width):
+//   nvcc -std=c++20 -O3 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
+//        -I csrc/cuda -o stream_kernel_harness bench/stream_kernel_harness.cu
+#define ALLOCMOE_STREAM_TRACE
+#include <cuda_runtime.h>
+#include <cstdio>
+#include <cstdlib>
+#include <vector>
+#include <random>
+#include <algorithm>
+#include <cmath>
+#include "experts_stream.cuh"
+#include "experts_decode.cuh"
+using namespace allocmoe::cuda_experts;
+using bf = __nv_bfloat16;
+#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s at %d: %s\n", #x, __LINE__, cudaGetErrorString(e)); exit(1);} } while (0)
+
+__global__ void fill(bf* p, size_t n, uint32_t seed) {
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    uint32_t h = (uint32_t)i * 2654435761u ^ seed; h ^= h >> 13; h *= 0x5bd1e995u; h ^= h >> 15;
+    p[i] = __float2bfloat16(((h & 0xffff) / 65536.f - 0.5f) * 0.05f);
+  }
+}
+// pure streaming reference: each CTA bulk-copies a contiguous byte range through the same ring, no compute
+__global__ void __launch_bounds__(kStreamThreads, 1) ring_read_kernel(const char* src, size_t bytes, int stages, int* sink) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const StreamSmem lay(1, 64);
+  const StreamShared sh = stream_shared(smem, lay, stages);
+  __syncthreads();
+  const size_t per = bytes / gridDim.x / 16384 * 16384;
+  const char* my = src + per * blockIdx.x;
+  const int nst = (int)(per / 16384);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  RingPos pos;
+  if (warp == kStreamConsumerWarps) {
+    const uint64_t pol = evict_first_policy();
+    for (int s = 0; s < nst; ++s) {
+      mbar_wait(sh.empty0 + 8 * pos.stage, pos.phase ^ 1u);
+      if (lane == 0) mbar_arrive_expect_tx(sh.full0 + 8 * pos.stage, 16384);
+      __syncwarp();
+      if (lane < 16) bulk_copy(sh.ring + pos.stage * kStreamStageBytes + lane * kStreamPitch, my + (size_t)s * 16384 + lane * 1024, 1024, sh.full0 + 8 * pos.stage, pol);
+      pos.next(stages);
+    }
+    return;
+  }
+  int acc = 0;
+  for (int s = 0; s < nst; ++s) {
+    mbar_wait(sh.full0 + 8 * pos.stage, pos.phase);
+    acc += sh.ring_ptr[pos.stage * kStreamStageBytes + threadIdx.x];
+    mbar_arrive(sh.empty0 + 8 * pos.stage);
+    pos.next(stages);
+  }
+  if (acc == 123456) sink[0] = acc;
+}
+__global__ void ldg_read_kernel(const uint4* src, size_t n, int* sink) {
+  uint4 a = make_uint4(0,0,0,0);
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x * 4) {
+    uint4 v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) { size_t j = i + (size_t)u * gridDim.x * blockDim.x; v[u] = j < n ? load_stream16(src + j) : make_uint4(0,0,0,0); }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) a.x ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+  }
+  if (a.x == 0x12345678u) sink[0] = 1;
+}
+
+int main(int argc, char** argv) {
+  const int E = 64, H = 2048, I = 1408, L = 8;
+  int dev = 0; CK(cudaSetDevice(dev));
+  cudaDeviceProp prop; CK(cudaGetDeviceProperties(&prop, dev));
+  int optin = 0; CK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  const int sms = prop.multiProcessorCount;
+  printf("%s sms=%d optin=%d\n", prop.name, sms, optin);
+  unsigned long long* tr; CK(cudaMalloc(&tr, 8 * 1024 * 8)); CK(cudaMemcpyToSymbol(g_stream_trace, &tr, sizeof(tr)));
+  const size_t gu_n = (size_t)E * 2 * I * H, dn_n = (size_t)E * H * I;
+  std::vector<bf*> gu(L), dn(L);
+  for (int l = 0; l < L; ++l) {
+    CK(cudaMalloc(&gu[l], gu_n * 2)); CK(cudaMalloc(&dn[l], dn_n * 2));
+    fill<<<1024, 256>>>(gu[l], gu_n, 17 * l + 1); fill<<<1024, 256>>>(dn[l], dn_n, 31 * l + 7);
+  }
+  const int TMAX = 16, KMAX = 8;
+  bf* x; float* w; int* ids; void* act; float* y; bf* out; int* cnt; int* sink;
+  CK(cudaMalloc(&x, TMAX * H * 2)); fill<<<64, 256>>>(x, TMAX * H, 99);
+  CK(cudaMalloc(&w, TMAX * KMAX * 4)); CK(cudaMalloc(&ids, L * TMAX * KMAX * 4));
+  CK(cudaMalloc(&act, TMAX * KMAX * I * 2)); CK(cudaMalloc(&y, TMAX * KMAX * H * 4));
+  CK(cudaMalloc(&out, TMAX * H * 2)); CK(cudaMalloc(&cnt, 4096)); CK(cudaMemset(cnt, 0, 4096)); CK(cudaMalloc(&sink, 4));
+  std::vector<float> hw(TMAX * KMAX, 0.3f); CK(cudaMemcpy(w, hw.data(), hw.size() * 4, cudaMemcpyHostToDevice));
+  std::mt19937 rng(5);
+  CK(cudaFuncSetAttribute(stream_gate_up_kernel<bf, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+  CK(cudaFuncSetAttribute(stream_down_kernel<bf, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+  CK(cudaFuncSetAttribute(stream_gate_up_kernel<bf, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+  CK(cudaFuncSetAttribute(stream_down_kernel<bf, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+  CK(cudaFuncSetAttribute(ring_read_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+  cudaStream_t st; CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  cudaEvent_t e0, e1; CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
+
+  auto time_graph = [&](auto&& body, int iters) {
+    cudaGraph_t g; cudaGraphExec_t ge;
+    CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+    for (int i = 0; i < iters; ++i) body(i);
+    CK(cudaStreamEndCapture(st, &g)); CK(cudaGraphInstantiate(&ge, g, 0));
+    CK(cudaGraphLaunch(ge, st)); CK(cudaStreamSynchronize(st));
+    std::vector<float> ts;
+    for (int r = 0; r < 7; ++r) { CK(cudaEventRecord(e0, st)); CK(cudaGraphLaunch(ge, st)); CK(cudaEventRecord(e1, st)); CK(cudaEventSynchronize(e1)); float ms; CK(cudaEventElapsedTime(&ms, e0, e1)); ts.push_back(ms * 1000.f / iters); }
+    CK(cudaGraphExecDestroy(ge)); CK(cudaGraphDestroy(g));
+    std::sort(ts.begin(), ts.end()); return ts[3];
+  };
+  // ceilings
+  {
+    const size_t nb = (size_t)1 << 30; char *a, *b; CK(cudaMalloc(&a, nb)); CK(cudaMalloc(&b, nb));
+    float us = time_graph([&](int) { CK(cudaMemcpyAsync(b, a, nb, cudaMemcpyDeviceToDevice, st)); }, 5);
+    printf("copy 1 GiB: %.1f us = %.0f GB/s (read+write)\n", us, 2.0 * nb / us / 1e3);
+    for (int stg : {4}) {
+      float u2 = time_graph([&](int) { ring_read_kernel<<<sms, kStreamThreads, StreamSmem(1, 64).total(stg), st>>>(a, nb, stg, sink); }, 5);
+      printf("ring read 1 GiB stages=%d: %.1f us = %.0f GB/s\n", stg, u2, 1.0 * nb / u2 / 1e3);
+    }
+    for (int ctas : {sms, 2 * sms, 4 * sms}) {
+      float u3 = time_graph([&](int) { ldg_read_kernel<<<ctas, 512, 0, st>>>((const uint4*)a, nb / 16, sink); }, 5);
+      printf("ldg read 1 GiB %d CTAs x 512: %.1f us = %.0f GB/s\n", ctas, u3, 1.0 * nb / u3 / 1e3);
+    }
+    // 104 MB read (the T=1 k=6 bytes): ring and ldg
+    const size_t small = (size_t)6 * 3 * H * I * 2;
+    for (int stg : {4}) {
+      float u4 = time_graph([&](int i) { ring_read_kernel<<<sms, kStreamThreads, StreamSmem(1, 64).total(stg), st>>>(a + (i % 8) * (nb / 8) / 4096 * 4096, small, stg, sink); }, 20);
+      printf("ring read %.1f MB stages=%d: %.1f us = %.0f GB/s\n", small / 1e6, stg, u4, small / u4 / 1e3);
+    }
+    CK(cudaFree(a)); CK(cudaFree(b));
+  }
+  auto run_case = [&](int T, int K, int which, int stages_cap) {
+    // ids: L sets of T rows of K distinct experts
+    std::vector<int> h(L * T * K);
+    int touched = 0;
+    for (int l = 0; l < L; ++l) {
+      std::vector<int> seen(E, 0);
+      for (int t = 0; t < T; ++t) {
+        std::vector<int> perm(E); for (int e = 0; e < E; ++e) perm[e] = e; std::shuffle(perm.begin(), perm.end(), rng);
+        for (int k = 0; k < K; ++k) { h[(l * T + t) * K + k] = perm[k]; seen[perm[k]] = 1; }
+      }
+      for (int e = 0; e < E; ++e) touched += seen[e];
+    }
+    CK(cudaMemcpy(ids, h.data(), h.size() * 4, cudaMemcpyHostToDevice));
+    const double bytes = (double)touched / L * 3.0 * H * I * 2;
+    auto body = [&](int i) {
+      const int l = i % L;
+      StreamParams p{x, gu[l], dn[l], w, ids + l * T * K, act, out, T, K, E, H, I, 0};
+      cudaLaunchAttribute attr[1]; attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization; attr[0].val.programmaticStreamSerializationAllowed = 1;
+      cudaLaunchConfig_t cfg = {}; cfg.gridDim = dim3(sms); cfg.blockDim = dim3(kStreamThreads); cfg.stream = st; cfg.attrs = attr; cfg.numAttrs = 1;
+      const StreamSmem lg(T, H), ld(2 * (T <= 8 ? 8 : 16), I);
+      auto stg = [&](const StreamSmem& lay) { int room = optin - lay.ring_at; return std::min(stages_cap, std::min(kStreamMaxStages, room / kStreamStageBytes)); };
+      if (which & 1) {
+        p.stages = stg(lg); cfg.dynamicSmemBytes = lg.total(p.stages);
+        if (T <= 8) CK(cudaLaunchKernelEx(&cfg, stream_gate_up_kernel<bf, 1>, p)); else CK(cudaLaunchKernelEx(&cfg, stream_gate_up_kernel<bf, 2>, p));
+      }
+      if (which & 2) {
+        p.stages = stg(ld); cfg.dynamicSmemBytes = ld.total(p.stages);
+        if (T <= 8) CK(cudaLaunchKernelEx(&cfg, stream_down_kernel<bf, 1>, p)); else CK(cudaLaunchKernelEx(&cfg, stream_down_kernel<bf, 2>, p));
+      }
+    };
+    float us = time_graph(body, 40);
+    const double part = which == 3 ? 1.0 : which == 1 ? 2.0 / 3 : 1.0 / 3;
+    printf("T=%2d K=%d %-8s cap=%2d touched=%.1f: %.1f us  %.0f GB/s\n", T, K, which == 3 ? "both" : which == 1 ? "gate_up" : "down", stages_cap, (double)touched / L, us, bytes * part / us / 1e3);
+  };
+  // correctness: stream vs decode kernels on layer 0
+  auto check = [&](int T, int K) {
+    std::vector<int> h(T * K);
+    for (int t = 0; t < T; ++t) { std::vector<int> perm(E); for (int e = 0; e < E; ++e) perm[e] = e; std::shuffle(perm.begin(), perm.end(), rng); for (int k = 0; k < K; ++k) h[t * K + k] = perm[k]; }
+    CK(cudaMemcpy(ids, h.data(), h.size() * 4, cudaMemcpyHostToDevice));
+    bf *o1, *o2; CK(cudaMalloc(&o1, T * H * 2)); CK(cudaMalloc(&o2, T * H * 2));
+    CK(cudaMemset(o1, 0xff, T * H * 2)); CK(cudaMemset(o2, 0xff, T * H * 2));
+    DecodeParams dp{x, gu[0], dn[0], w, ids, act, y, o1, cnt, T, K, E, H, I};
+    const int TK = T * K, used_max = std::min(E, TK);
+    const DecodeSmem gs(E, TK, 2, kGateUpRedStride), ds(E, TK, 2, kDownRedStride);
+    CK(cudaFuncSetAttribute(decode_gate_up_kernel<bf, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+    CK(cudaFuncSetAttribute(decode_down_kernel<bf, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+    decode_gate_up_kernel<bf, 2><<<dim3(I / 16, used_max), kDecodeThreads, gs.total_bytes, st>>>(dp);
+    decode_down_kernel<bf, 2><<<dim3(H / 16, used_max), kDecodeThreads, ds.total_bytes, st>>>(dp);
+    CK(cudaStreamSynchronize(st));
+    StreamParams p{x, gu[0], dn[0], w, ids, act, o2, T, K, E, H, I, 0};
+    const StreamSmem lg(T, H), ld(2 * (T <= 8 ? 8 : 16), I);
+    p.stages = std::min(kStreamMaxStages, (optin - lg.ring_at) / kStreamStageBytes);
+    if (T <= 8) stream_gate_up_kernel<bf, 1><<<sms, kStreamThreads, lg.total(p.stages), st>>>(p); else stream_gate_up_kernel<bf, 2><<<sms, kStreamThreads, lg.total(p.stages), st>>>(p);
+    p.stages = std::min(kStreamMaxStages, (optin - ld.ring_at) / kStreamStageBytes);
+    if (T <= 8) stream_down_kernel<bf, 1><<<sms, kStreamThreads, ld.total(p.stages), st>>>(p); else stream_down_kernel<bf, 2><<<sms, kStreamThreads, ld.total(p.stages), st>>>(p);
+    CK(cudaStreamSynchronize(st));
+    std::vector<bf> a(T * H), b(T * H);
+    CK(cudaMemcpy(a.data(), o1, T * H * 2, cudaMemcpyDeviceToHost)); CK(cudaMemcpy(b.data(), o2, T * H * 2, cudaMemcpyDeviceToHost));
+    double num = 0, den = 0; int nan = 0;
+    for (int i = 0; i < T * H; ++i) { double u = __bfloat162float(a[i]), v = __bfloat162float(b[i]); if (v != v) ++nan; num += (u - v) * (u - v); den += u * u; }
+    printf("check T=%d K=%d: rel diff stream vs decode %.3g, NaN %d\n", T, K, sqrt(num / (den + 1e-30)), nan);
+    CK(cudaFree(o1)); CK(cudaFree(o2));
+  };
+  check(1, 6); check(4, 6); check(16, 6); check(16, 8);
+  // trace: T=1 K=6 and K=3 pair launched with PDL, last of 10 iterations
+  for (int K : {6, 3}) for (int T : {1, 4}) {
+    std::vector<int> h(L * T * K);
+    for (int l = 0; l < L; ++l) for (int t = 0; t < T; ++t) { std::vector<int> perm(E); for (int e = 0; e < E; ++e) perm[e] = e; std::shuffle(perm.begin(), perm.end(), rng); for (int k = 0; k < K; ++k) h[(l * T + t) * K + k] = perm[k]; }
+    CK(cudaMemcpy(ids, h.data(), h.size() * 4, cudaMemcpyHostToDevice));
+    for (int it = 0; it < 10; ++it) {
+      CK(cudaMemsetAsync(tr, 0, 8 * 1024 * 8, st));
+      const int l = it % L;
+      StreamParams p{x, gu[l], dn[l], w, ids + l * T * K, act, out, T, K, E, H, I, 0};
+      cudaLaunchAttribute attr[1]; attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization; attr[0].val.programmaticStreamSerializationAllowed = 1;
+      cudaLaunchConfig_t cfg = {}; cfg.gridDim = dim3(sms); cfg.blockDim = dim3(kStreamThreads); cfg.stream = st; cfg.attrs = attr; cfg.numAttrs = 1;
+      const StreamSmem lg(T, H), ld(2 * 8, I);
+      p.stages = std::min(kStreamMaxStages, (optin - lg.ring_at) / kStreamStageBytes); cfg.dynamicSmemBytes = lg.total(p.stages);
+      CK(cudaLaunchKernelEx(&cfg, stream_gate_up_kernel<bf, 1>, p));
+      p.stages = std::min(kStreamMaxStages, (optin - ld.ring_at) / kStreamStageBytes); cfg.dynamicSmemBytes = ld.total(p.stages);
+      CK(cudaLaunchKernelEx(&cfg, stream_down_kernel<bf, 1>, p));
+    }
+    CK(cudaStreamSynchronize(st));
+    std::vector<unsigned long long> ht(8 * 1024); CK(cudaMemcpy(ht.data(), tr, ht.size() * 8, cudaMemcpyDeviceToHost));
+    unsigned long long t0 = ~0ull; for (int b = 0; b < sms; ++b) if (ht[b]) t0 = std::min(t0, ht[b]);
+    printf("trace T=%d K=%d (us from first gate_up entry): event min / median / max / n\n", T, K);
+    const char* names[8] = {"gu entry", "gu lists", "gu x staged", "gu end", "dn entry", "dn lists", "dn waited", "dn end"};
+    for (int ev = 0; ev < 8; ++ev) {
+      std::vector<double> v; for (int b = 0; b < sms; ++b) if (ht[ev * 1024 + b]) v.push_back((ht[ev * 1024 + b] - t0) / 1000.0);
+      std::sort(v.begin(), v.end());
+      if (v.empty()) { printf("  %-12s -\n", names[ev]); continue; }
+      printf("  %-12s %7.2f %7.2f %7.2f  %zu\n", names[ev], v.front(), v[v.size() / 2], v.back(), v.size());
+    }
+  }
+  for (int cap : {4, 8, 16}) run_case(1, 6, 3, cap);
+  run_case(1, 6, 1, 16); run_case(1, 6, 2, 16);
+  run_case(1, 3, 3, 16); run_case(1, 3, 1, 16); run_case(1, 3, 2, 16);
+  run_case(4, 6, 3, 16); run_case(16, 6, 3, 16);
+  CK(cudaDeviceSynchronize());
+  printf("done\n");
+}
