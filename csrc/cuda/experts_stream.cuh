@@ -5,7 +5,7 @@
 // to keep HBM busy from the first byte to the last. The decode path (experts_decode.cuh) reads
 // with 16-byte ld.global from every thread and reaches ~2 TB/s; here the weights travel through
 // the copy engine of each SM (cp.async.bulk, "TMA" without a tensor map) into a deep ring of
-// shared memory, so that ~200 KB per SM are in flight whatever the warps are doing.
+// shared memory, so that 70-220 KB per SM are in flight whatever the warps are doing.
 //
 // Two persistent launches of one CTA per SM (8 consumer warps + 1 producer warp):
 //   1. gate_up: work items (j-th used expert, 8 intermediate rows) dealt round robin to the CTAs.
@@ -34,14 +34,14 @@ constexpr int kStreamConsumerWarps = 8;
 constexpr int kStreamConsumers = kStreamConsumerWarps * 32;
 constexpr int kStreamThreads = kStreamConsumers + 32;  // + the producer warp
 constexpr int kStreamRows = 16;                          // weight rows per stage: one m16 tile
-#ifndef ALLOCMOE_STREAM_CHUNK
+#ifndef ALLOCMOE_STREAM_CHUNK  // bench/stream_kernel_harness.cu tries other widths with it
 #define ALLOCMOE_STREAM_CHUNK 512
 #endif
 constexpr int kStreamChunk = ALLOCMOE_STREAM_CHUNK;      // k per stage row: 1 KB bulk copies
 constexpr int kStreamChunksPerWarp = kStreamChunk / 32 / 8;  // 32-wide k chunks of a stage per consumer warp
 static_assert(kStreamChunk % 256 == 0, "whole 32-wide chunks for every consumer warp");
-// Stage row pitch: 1024 + 64 bytes. 272 words = 16 mod 32, so the two rows (g, g + 1) that a
-// quarter warp reads with 16-byte loads sit on disjoint bank halves: no conflicts.
+// Stage row pitch: the row + 64 bytes (512 k: 272 words = 16 mod 32), so the two rows (g, g + 1)
+// that a quarter warp reads with 16-byte loads sit on disjoint bank halves: no conflicts.
 constexpr int kStreamPitch = kStreamChunk * 2 + 64;
 constexpr int kStreamStageBytes = kStreamRows * kStreamPitch;
 constexpr int kStreamMaxStages = 16;
