@@ -34,6 +34,7 @@
 #include <string_view>
 
 #include "common/arg_checks.h"
+#include "device_info.h"
 #include "experts_decode.cuh"
 #include "experts_prefill.cuh"
 #include "experts_skinny.cuh"
@@ -247,35 +248,19 @@ void run_decode(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor
   else launch_decode<Elem, 8>(p, stream);
 }
 
-// Device facts the stream path needs, read once per device.
-struct StreamDevice {
-  int sms = 0, smem_optin = 0, major = 0;
-};
-const StreamDevice& stream_device() {
-  static StreamDevice cache[64];
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  static StreamDevice other;
-  StreamDevice& d = dev < 64 ? cache[dev] : other;
-  if (d.sms == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev));
-  }
-  return d;
-}
+using cuda::DeviceInfo;
 
 // Shared memory of the two stream launches: x of the T tokens, or two buffers of act rows.
 StreamSmem stream_gate_up_smem(int T, int H) { return StreamSmem(T, H); }
 StreamSmem stream_down_smem(int T, int I) { return StreamSmem(2 * (T <= 8 ? 8 : 16), I); }
 
 // Ring depth of a stream launch: as many stages as the shared memory holds, up to the maximum.
-int stream_stages(const StreamSmem& lay, const StreamDevice& d) {
+int stream_stages(const StreamSmem& lay, const DeviceInfo& d) {
   const int room = d.smem_optin - lay.ring_at;
   return std::min(kStreamMaxStages, room < 0 ? 0 : room / kStreamStageBytes);
 }
 
-bool stream_fits(int64_t T, int64_t K, int64_t H, int64_t I, const StreamDevice& d) {
+bool stream_fits(int64_t T, int64_t K, int64_t H, int64_t I, const DeviceInfo& d) {
   if (d.major < 9 || T > kStreamMaxTokens || T * K > kStreamMaxSlots || H > 65536 || I > 65536) return false;
   const int t = static_cast<int>(T);
   return stream_stages(stream_gate_up_smem(t, static_cast<int>(H)), d) >= kStreamMinStages &&
@@ -283,7 +268,7 @@ bool stream_fits(int64_t T, int64_t K, int64_t H, int64_t I, const StreamDevice&
 }
 
 template <typename Elem, int NT>
-void launch_stream(StreamParams p, const StreamDevice& d, cudaStream_t stream) {
+void launch_stream(StreamParams p, const DeviceInfo& d, cudaStream_t stream) {
   static bool gate_up_done[64] = {}, down_done[64] = {};
   set_smem_limit(reinterpret_cast<const void*>(&stream_gate_up_kernel<Elem, NT>), d.smem_optin, gate_up_done);
   set_smem_limit(reinterpret_cast<const void*>(&stream_down_kernel<Elem, NT>), d.smem_optin, down_done);
@@ -314,8 +299,9 @@ void run_stream(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor
   at::Tensor act = at::empty({(int64_t)T * K, I}, x.options());
   const StreamParams p{x.data_ptr(), gate_up.data_ptr(), down.data_ptr(), weights.data_ptr<float>(),
                        ids.data_ptr<int>(), act.data_ptr(), out.data_ptr(), T, K, E, H, I, 0};
-  if (T <= 8) launch_stream<Elem, 1>(p, stream_device(), stream);
-  else launch_stream<Elem, 2>(p, stream_device(), stream);
+  const DeviceInfo& d = cuda::device_info(x.get_device());
+  if (T <= 8) launch_stream<Elem, 1>(p, d, stream);
+  else launch_stream<Elem, 2>(p, d, stream);
 }
 
 template <typename Elem>
@@ -486,7 +472,7 @@ at::Tensor experts_cuda(const at::Tensor& hidden, const at::Tensor& gate_up, con
   Path path = Path::kGeneric;
   if (fast && forced != Path::kGeneric) {
     const bool decode_fits = T * K <= kDecodeMaxSlots, skinny_fits = T * K <= kSkinnyMaxSlots;
-    const bool stream_ok = stream_fits(T, K, H, gate_up.size(1) / 2, stream_device());
+    const bool stream_ok = stream_fits(T, K, H, gate_up.size(1) / 2, cuda::device_info(x.get_device()));
     if (forced == Path::kStream) path = stream_ok ? Path::kStream : decode_fits ? Path::kDecode : Path::kPrefill;
     else if (forced == Path::kDecode) path = decode_fits ? Path::kDecode : Path::kPrefill;
     else if (forced == Path::kSkinny) path = skinny_fits ? Path::kSkinny : Path::kPrefill;

@@ -34,6 +34,7 @@
 
 #include "common/arg_checks.h"
 #include "cpu/moe.h"
+#include "cuda/device_info.h"
 #include "cuda/routing.cuh"
 #include "validation.h"
 
@@ -472,21 +473,6 @@ __global__ void __launch_bounds__(kThreads, 1) moe_decode_kernel(MoeArgs m) {
     }
     __syncthreads();
   }
-}
-
-struct DeviceInfo {
-  int sms = 0, smem_optin = 0, coop = 0, major = 0;
-};
-const DeviceInfo& device_info(int dev) {
-  static DeviceInfo info[64];
-  static std::once_flag once[64];
-  std::call_once(once[dev], [&] {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info[dev].sms, cudaDevAttrMultiProcessorCount, dev));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info[dev].smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info[dev].coop, cudaDevAttrCooperativeLaunch, dev));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&info[dev].major, cudaDevAttrComputeCapabilityMajor, dev));
-  });
-  return info[dev];
 }
 
 template <typename scalar_t, int NT>

@@ -28,6 +28,7 @@
 #include <cstring>
 
 #include "common/arg_checks.h"
+#include "cuda/device_info.h"
 #include "cuda/routing.cuh"
 #include "validation.h"
 
@@ -116,17 +117,8 @@ __global__ void __launch_bounds__(256) route_finalize_kernel(const uint32_t* __r
   finalize_rows_warp<true>(t0, min(t0 + per, a.T), a, AllocCut{cut[0], 2}, weights, ids, pool, weights, ids);
 }
 
-// Thread block clusters need sm_90; asked once per device (a host attribute query, no sync).
-bool has_clusters(int device) {
-  static int major[64] = {};  // 0: not asked yet
-  if (device < 0 || device >= 64) return false;
-  if (major[device] == 0) {
-    int m = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&m, cudaDevAttrComputeCapabilityMajor, device));
-    major[device] = m;
-  }
-  return major[device] >= 9;
-}
+// Thread block clusters need sm_90.
+bool has_clusters(int device) { return device_info(device).major >= 9; }
 
 enum class RoutePath { kAuto, kWarp, kBlock, kMulti };
 

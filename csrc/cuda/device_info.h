@@ -1,0 +1,38 @@
+// Device facts the host side of the CUDA ops needs to pick paths and size launches: read once
+// per device (attribute queries, no sync), then cached for every later call and CUDA graph
+// capture. One copy for the whole module (an inline function's statics are shared).
+#pragma once
+
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+
+#include <mutex>
+
+#include "common/check.h"
+
+namespace allocmoe::cuda {
+
+struct DeviceInfo {
+  int sms = 0;         // multiprocessors
+  int smem_optin = 0;  // largest dynamic shared memory one block may opt into, bytes
+  int coop = 0;        // cooperative launch supported
+  int major = 0;       // compute capability major (9: sm_90, clusters, bulk copies, PDL)
+};
+
+inline const DeviceInfo& device_info(int dev) {
+  constexpr int kMaxDevices = 64;
+  ALLOCMOE_CHECK(dev >= 0 && dev < kMaxDevices, "allocmoe: CUDA device index ", dev, " out of range [0, ",
+                 kMaxDevices, ")");
+  static DeviceInfo info[kMaxDevices];
+  static std::once_flag once[kMaxDevices];
+  std::call_once(once[dev], [dev] {
+    DeviceInfo& d = info[dev];
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.coop, cudaDevAttrCooperativeLaunch, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev));
+  });
+  return info[dev];
+}
+
+}  // namespace allocmoe::cuda
