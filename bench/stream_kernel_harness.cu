@@ -155,7 +155,7 @@ int main(int argc, char** argv) {
       StreamParams p{x, gu[l], dn[l], w, ids + l * T * K, act, out, T, K, E, H, I, 0};
       cudaLaunchAttribute attr[1]; attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization; attr[0].val.programmaticStreamSerializationAllowed = 1;
       cudaLaunchConfig_t cfg = {}; cfg.gridDim = dim3(sms); cfg.blockDim = dim3(kStreamThreads); cfg.stream = st; cfg.attrs = attr; cfg.numAttrs = 1;
-      const StreamSmem lg(T, H), ld(2 * (T <= 8 ? 8 : 16), I);
+      const StreamSmem lg(T, H), ld(2 * stream_pairs_per_pass(T), I);
       auto stg = [&](const StreamSmem& lay) { int room = optin - lay.ring_at; return std::min(stages_cap, std::min(kStreamMaxStages, room / kStreamStageBytes)); };
       if (which & 1) {
         p.stages = stg(lg); cfg.dynamicSmemBytes = lg.total(p.stages);
@@ -186,7 +186,7 @@ int main(int argc, char** argv) {
     decode_down_kernel<bf, 2><<<dim3(H / 16, used_max), kDecodeThreads, ds.total_bytes, st>>>(dp);
     CK(cudaStreamSynchronize(st));
     StreamParams p{x, gu[0], dn[0], w, ids, act, o2, T, K, E, H, I, 0};
-    const StreamSmem lg(T, H), ld(2 * (T <= 8 ? 8 : 16), I);
+    const StreamSmem lg(T, H), ld(2 * stream_pairs_per_pass(T), I);
     p.stages = std::min(kStreamMaxStages, (optin - lg.ring_at) / kStreamStageBytes);
     if (T <= 8) stream_gate_up_kernel<bf, 1><<<sms, kStreamThreads, lg.total(p.stages), st>>>(p); else stream_gate_up_kernel<bf, 2><<<sms, kStreamThreads, lg.total(p.stages), st>>>(p);
     p.stages = std::min(kStreamMaxStages, (optin - ld.ring_at) / kStreamStageBytes);

@@ -252,7 +252,7 @@ using cuda::DeviceInfo;
 
 // Shared memory of the two stream launches: x of the T tokens, or two buffers of act rows.
 StreamSmem stream_gate_up_smem(int T, int H) { return StreamSmem(T, H); }
-StreamSmem stream_down_smem(int T, int I) { return StreamSmem(2 * (T <= 8 ? 8 : 16), I); }
+StreamSmem stream_down_smem(int T, int I) { return StreamSmem(2 * stream_pairs_per_pass(T), I); }
 
 // Ring depth of a stream launch: as many stages as the shared memory holds, up to the maximum.
 int stream_stages(const StreamSmem& lay, const DeviceInfo& d) {
@@ -300,7 +300,7 @@ void run_stream(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor
   const StreamParams p{x.data_ptr(), gate_up.data_ptr(), down.data_ptr(), weights.data_ptr<float>(),
                        ids.data_ptr<int>(), act.data_ptr(), out.data_ptr(), T, K, E, H, I, 0};
   const DeviceInfo& d = cuda::device_info(x.get_device());
-  if (T <= 8) launch_stream<Elem, 1>(p, d, stream);
+  if (stream_pairs_per_pass(T) == 8) launch_stream<Elem, 1>(p, d, stream);
   else launch_stream<Elem, 2>(p, d, stream);
 }
 

@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include "pdl.cuh"
+
 namespace allocmoe::cuda_experts {
 
 // Conversions and the m16n8k16 tensor-core product for one 16-bit element type.
@@ -93,22 +95,6 @@ template <typename T>
 __device__ __forceinline__ void mma_k32(float (&acc)[4], const uint4& row_g, const uint4& row_g8, const uint4& b) {
   Mma16<T>::mma(acc, row_g.x, row_g8.x, row_g.y, row_g8.y, b.x, b.y);
   Mma16<T>::mma(acc, row_g.z, row_g8.z, row_g.w, row_g8.w, b.z, b.w);
-}
-
-// Programmatic dependent launch (sm_90): a grid launched with programmatic stream serialization
-// may start while the grid before it drains; it must call wait_for_previous_grid() before it
-// reads anything that grid writes (the wait returns once that grid has finished and its writes
-// are visible). allow_next_grid() lets the next such grid start early. No-ops before sm_90 and
-// in grids launched normally.
-__device__ __forceinline__ void wait_for_previous_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void allow_next_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::);
-#endif
 }
 
 // 16-byte shared-memory load.

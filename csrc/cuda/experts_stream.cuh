@@ -49,6 +49,8 @@ constexpr int kStreamMinStages = 4;
 constexpr int kStreamMaxTokens = 16;
 constexpr int kStreamMaxSlots = 256;  // T*K: one slot per thread while the lists are built
 constexpr int kStreamRedStride = kStreamRows + 1;  // floats per (warp, pair) in the reduction buffer
+// Pairs (token, expert) multiplied per pass: one n8 tile up to 8 tokens, two up to 16.
+__host__ __device__ constexpr int stream_pairs_per_pass(int T) { return T <= 8 ? 8 : 16; }
 
 // Timing hooks for the standalone harness only (never defined in the library build).
 #ifdef ALLOCMOE_STREAM_TRACE

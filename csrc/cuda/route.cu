@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(1024) route_warp_kernel(const in_t* __restrict
   extern __shared__ uint4 smem4[];
   // A programmatic dependent launch after this one (the experts op's stream path) may get its
   // CTAs resident and set up now; it waits for this grid before it reads ids or weights.
-  route_allow_next_grid();
+  allow_next_grid();
   uint32_t* smem = reinterpret_cast<uint32_t*>(smem4);
   const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   uint32_t* pool = smem + 3 * 256;
@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(kScoreWarps * 32) route_score_kernel(const in_
                                                                        int32_t* __restrict__ ids,
                                                                        uint32_t* __restrict__ pool, int mode) {
   extern __shared__ uint4 smem4[];
-  route_allow_next_grid();  // the cut kernel may get scheduled now; it waits for this grid
+  allow_next_grid();  // the cut kernel may get scheduled now; it waits for this grid
   const int warp = threadIdx.x >> 5;
   const int t = blockIdx.x * kScoreWarps + warp;
   if (t >= a.T) return;  // warp-uniform
@@ -93,8 +93,8 @@ __global__ void __launch_bounds__(1024) route_cut_kernel(const uint32_t* __restr
                                                          unsigned long long* __restrict__ cut) {
   __shared__ __align__(16) uint32_t hist[3 * 256];
   __shared__ unsigned long long range[2 * 32];
-  route_allow_next_grid();
-  route_wait_previous_grid();
+  allow_next_grid();
+  wait_for_previous_grid();
   const int pt = a.K - a.k_base, N = a.T * pt;
   // Range of all keys: token t's largest is its first pool entry, its smallest its last.
   unsigned long long lo = ~0ull, hi = 0ull;
@@ -110,7 +110,7 @@ __global__ void __launch_bounds__(1024) route_cut_kernel(const uint32_t* __restr
 __global__ void __launch_bounds__(256) route_finalize_kernel(const uint32_t* __restrict__ pool,
                                                              const unsigned long long* __restrict__ cut, RouteArgs a,
                                                              float* __restrict__ weights, int32_t* __restrict__ ids) {
-  route_wait_previous_grid();
+  wait_for_previous_grid();
   const int per = 32 / route_rank_lanes(a.K);
   const int t0 = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * per;
   if (t0 >= a.T) return;  // warp-uniform

@@ -19,6 +19,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "pdl.cuh"
+
 namespace allocmoe::cuda {
 
 constexpr int kMaxExpertsCuda = 256;  // E <= 256: each lane of a warp holds at most 8 logits
@@ -519,21 +521,6 @@ __device__ __forceinline__ void store_cluster_u32(uint32_t* local, uint32_t rank
   __trap();
 #endif
 }
-// A grid launched with programmatic stream serialization may start while the grid before it
-// drains; route_wait_previous_grid() returns once that grid is done and its writes are visible.
-// route_allow_next_grid() lets the next such grid get scheduled now. No-ops before sm_90 and
-// in grids launched normally.
-__device__ __forceinline__ void route_wait_previous_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void route_allow_next_grid() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::);
-#endif
-}
-
 // ---- one warp per token: the fast path for small T --------------------------------------------
 // Token t of the calling warp (t >= a.T: the warp only takes part in the barriers). The pool
 // (ordered c of every token's ranks >= k_base, [a.T * (K - k_base)]), the histograms (3 x 256,
