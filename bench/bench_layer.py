@@ -6,7 +6,8 @@
 
 Per row (shape, shared experts or not, T tokens, budget) it times:
   ours        torch.ops.allocmoe.route + torch.ops.allocmoe.experts (routing included)
-  fused       torch.ops.allocmoe.moe, when the extension has it (see call_fused_moe)
+  fused       torch.ops.allocmoe.moe from the router weight (see call_fused_moe)
+  moe_logits  torch.ops.allocmoe.moe from the router logits (routing included, as in ours)
   route       torch.ops.allocmoe.route alone (Alloc-T, k_base=1)
   topk        the routing baseline: softmax + torch.topk(round(K_l))
   eager_loop  transformers-style eager loop (one_hot mask, per-expert index + matmul)
@@ -71,8 +72,8 @@ QUICK_SHAPES = {
 TOKENS = [1, 4, 16, 64, 256, 1024, 4096]
 QUICK_TOKENS = [1, 4]
 BUDGETS = {"full": 1.0, "75%": 0.75, "50%": 0.5, "33%": 1.0 / 3.0}  # fractions of top_k
-PATHS = ["route", "ours", "fused", "topk", "eager_loop", "grouped_mm", "hf_batched_mm", "hf_grouped_mm"]
-OURS_PATHS = ("ours", "fused")
+PATHS = ["route", "ours", "moe_logits", "fused", "topk", "eager_loop", "grouped_mm", "hf_batched_mm", "hf_grouped_mm"]
+OURS_PATHS = ("ours", "moe_logits", "fused")
 ROUTING_PATHS = ("route", "topk")
 BASELINE_PATHS = ("eager_loop", "grouped_mm", "hf_batched_mm", "hf_grouped_mm")
 
@@ -106,8 +107,10 @@ def load_extension():
     return None, info
 
 
-def call_fused_moe(x, logits, layer, shape, budget, shared):
-    """Return a no-argument callable running torch.ops.allocmoe.moe for this row.
+def call_fused_moe(x, logits, layer, shape, budget, shared, from_logits=False):
+    """Return a no-argument callable running torch.ops.allocmoe.moe for this row: from the
+    router weight (the router matmul inside the timed region) or, with from_logits, from the
+    router logits (the same work as route + experts).
 
     The ONE place that knows the fused op's schema. It matches the schema's argument names
     against the values below; fix the names here when the schema changes.
@@ -115,9 +118,12 @@ def call_fused_moe(x, logits, layer, shape, budget, shared):
     if not hasattr(torch.ops.allocmoe, "moe"):
         raise Skip("torch.ops.allocmoe.moe does not exist in this build")
     op = torch.ops.allocmoe.moe
+    names = [a.name for a in op.default._schema.arguments]
+    if from_logits and "router_logits" not in names:
+        raise Skip(f"moe schema takes no router_logits: {names}")
     values = {
         "hidden": x, "hidden_states": x,
-        "router_logits": logits, "logits": logits, "router_weight": layer.router,
+        "router_weight": None if from_logits else layer.router,
         "gate_up": layer.gate_up, "down": layer.down,
         "top_k": shape.top_k, "budget": budget, "k_base": 1,
         "scoring": "softmax", "norm_topk_prob": False, "routed_scaling_factor": 1.0,
@@ -126,7 +132,8 @@ def call_fused_moe(x, logits, layer, shape, budget, shared):
         "shared_gate_up": layer.sh_gate_up, "shared_down": layer.sh_down,
         "shared_gate": layer.sh_gate,
     }
-    names = [a.name for a in op.default._schema.arguments]
+    if from_logits:
+        values["router_logits"] = logits
     if shared:
         if "shared_gate_up" not in names:
             raise Skip(f"moe schema has no shared-expert arguments: {names}")
@@ -365,7 +372,7 @@ def build_paths(ctx, only):
     add_shared = (lambda x, y: y + shared_mlp(x, layer)) if shared else (lambda x, y: y)
     paths = {}
     if ctx.ext_error:
-        paths.update({p: Skip(ctx.ext_error) for p in ("route", "ours", "fused") if p in only})
+        paths.update({p: Skip(ctx.ext_error) for p in ("route", "ours", "moe_logits", "fused") if p in only})
         only = [p for p in only if p not in paths]
 
     if "ours" in only:
@@ -379,6 +386,9 @@ def build_paths(ctx, only):
         paths["ours"] = (make, True)
     if "fused" in only:
         paths["fused"] = (lambda s: call_fused_moe(inp.x[s], inp.logits[s], layer, shape, budget, shared), True)
+    if "moe_logits" in only:
+        paths["moe_logits"] = (
+            lambda s: call_fused_moe(inp.x[s], inp.logits[s], layer, shape, budget, shared, from_logits=True), True)
     if "route" in only:
         paths["route"] = (lambda s: (lambda lg=inp.logits[s]: torch.ops.allocmoe.route(lg, K, budget, 1)), True)
     if "topk" in only:
@@ -583,7 +593,7 @@ def baseline_cell(res, ratio):
 
 def table(rows):
     head = (f"{'shape':6} {'sh':2} {'T':>5} {'bud':>4} {'k':>5} {'touch':>5} {'bw_fl':>7} {'mm_fl':>7} "
-            f"{'ours':>8} {'how':12} {'%fl':>4} {'route':>6} {'topk':>6} "
+            f"{'ours':>8} {'how':16} {'%fl':>4} {'route':>6} {'topk':>6} "
             + " ".join(f"{b:>14}" for b in BASELINE_COLS) + f" {'err':>7}")
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -599,12 +609,12 @@ def table(rows):
         lines.append(
             f"{r['shape']:6} {'y' if r['shared'] else 'n':2} {r['T']:>5} {r['budget_label']:>4} {r['k_realised']:>5.2f} "
             f"{r['experts_touched']:>5.1f} {r['bw_floor_us']:>7.1f} {r['mm_floor_us']:>7.1f} "
-            f"{fmt(r.get('ours_us'), '.1f', 8)} {how:12} {fmt(r.get('pct_of_floor'), '.0f', 4)} "
+            f"{fmt(r.get('ours_us'), '.1f', 8)} {how:16} {fmt(r.get('pct_of_floor'), '.0f', 4)} "
             f"{fmt(rt and rt[0], '.1f', 6)} {fmt(tk and tk[0], '.1f', 6)} "
             + " ".join(baseline_cell(p.get(b, {}), ratios.get(b)) for b in BASELINE_PATHS)
             + f" {fmt(max(errs) if errs else None, '.1e', 7)}"
         )
-    lines.append("ours/how: best correct path of ours (route+experts) and fused, eager or graph; WRONG: none passed, "
+    lines.append("ours/how: best correct path of ours (route+experts), moe_logits and fused, eager or graph; WRONG: none passed, "
                  "!: another failed (rows' ours_wrong); baselines: best time us (baseline / ours)")
     return "\n".join(lines)
 

@@ -19,8 +19,10 @@
 #include <random>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include "experts_stream.cuh"
 #include "experts_decode.cuh"
+#include "moe_stream.cuh"
 using namespace allocmoe::cuda_experts;
 using bf = __nv_bfloat16;
 #define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s at %d: %s\n", #x, __LINE__, cudaGetErrorString(e)); exit(1);} } while (0)
@@ -72,6 +74,28 @@ __global__ void ldg_read_kernel(const uint4* src, size_t n, int* sink) {
     for (int u = 0; u < 4; ++u) a.x ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
   }
   if (a.x == 0x12345678u) sink[0] = 1;
+}
+
+// The route op's block routine alone (one CTA), for the unfused reference: route -> gate_up -> down.
+__global__ void __launch_bounds__(kStreamThreads) route_only_kernel(const float* logits, allocmoe::cuda::RouteArgs a, int* ids, float* w) {
+  extern __shared__ __align__(16) uint32_t scratch[];
+  __shared__ int sids[kStreamMaxSlots];
+  __shared__ float sw[kStreamMaxSlots];
+  allocmoe::cuda::route_block(logits, a, scratch, sids, sw);
+  for (int i = threadIdx.x; i < a.T * a.K; i += blockDim.x) { ids[i] = sids[i]; w[i] = sw[i]; }
+}
+allocmoe::cuda::RouteArgs softmax_args(int T, int E, int K, int n_total) {
+  return allocmoe::cuda::RouteArgs{T, E, K, 1, allocmoe::cuda::kSoftmax, 1, 1, 0, 1.0f, nullptr, (long long)n_total - T};
+}
+
+// An L2 flush as torch.sum does it: ordinary loads, so the flushed lines stay at normal priority.
+__global__ void normal_read_kernel(const uint4* src, size_t n, int* sink) {
+  uint32_t a = 0;
+  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    const uint4 v = src[i];
+    a ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (a == 0x12345678u) sink[0] = 1;
 }
 
 int main(int argc, char** argv) {
@@ -155,7 +179,7 @@ int main(int argc, char** argv) {
       StreamParams p{x, gu[l], dn[l], w, ids + l * T * K, act, out, T, K, E, H, I, 0};
       cudaLaunchAttribute attr[1]; attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization; attr[0].val.programmaticStreamSerializationAllowed = 1;
       cudaLaunchConfig_t cfg = {}; cfg.gridDim = dim3(sms); cfg.blockDim = dim3(kStreamThreads); cfg.stream = st; cfg.attrs = attr; cfg.numAttrs = 1;
-      const StreamSmem lg(T, H), ld(2 * stream_pairs_per_pass(T), I);
+      const StreamSmem lg(T, H), ld(stream_act_rows(T, K), I);
       auto stg = [&](const StreamSmem& lay) { int room = optin - lay.ring_at; return std::min(stages_cap, std::min(kStreamMaxStages, room / kStreamStageBytes)); };
       if (which & 1) {
         p.stages = stg(lg); cfg.dynamicSmemBytes = lg.total(p.stages);
@@ -186,7 +210,7 @@ int main(int argc, char** argv) {
     decode_down_kernel<bf, 2><<<dim3(H / 16, used_max), kDecodeThreads, ds.total_bytes, st>>>(dp);
     CK(cudaStreamSynchronize(st));
     StreamParams p{x, gu[0], dn[0], w, ids, act, o2, T, K, E, H, I, 0};
-    const StreamSmem lg(T, H), ld(2 * stream_pairs_per_pass(T), I);
+    const StreamSmem lg(T, H), ld(stream_act_rows(T, K), I);
     p.stages = std::min(kStreamMaxStages, (optin - lg.ring_at) / kStreamStageBytes);
     if (T <= 8) stream_gate_up_kernel<bf, 1><<<sms, kStreamThreads, lg.total(p.stages), st>>>(p); else stream_gate_up_kernel<bf, 2><<<sms, kStreamThreads, lg.total(p.stages), st>>>(p);
     p.stages = std::min(kStreamMaxStages, (optin - ld.ring_at) / kStreamStageBytes);
@@ -211,7 +235,7 @@ int main(int argc, char** argv) {
       StreamParams p{x, gu[l], dn[l], w, ids + l * T * K, act, out, T, K, E, H, I, 0};
       cudaLaunchAttribute attr[1]; attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization; attr[0].val.programmaticStreamSerializationAllowed = 1;
       cudaLaunchConfig_t cfg = {}; cfg.gridDim = dim3(sms); cfg.blockDim = dim3(kStreamThreads); cfg.stream = st; cfg.attrs = attr; cfg.numAttrs = 1;
-      const StreamSmem lg(T, H), ld(2 * 8, I);
+      const StreamSmem lg(T, H), ld(stream_act_rows(T, K), I);
       p.stages = std::min(kStreamMaxStages, (optin - lg.ring_at) / kStreamStageBytes); cfg.dynamicSmemBytes = lg.total(p.stages);
       CK(cudaLaunchKernelEx(&cfg, stream_gate_up_kernel<bf, 1>, p));
       p.stages = std::min(kStreamMaxStages, (optin - ld.ring_at) / kStreamStageBytes); cfg.dynamicSmemBytes = ld.total(p.stages);
@@ -233,6 +257,103 @@ int main(int argc, char** argv) {
   run_case(1, 6, 1, 16); run_case(1, 6, 2, 16);
   run_case(1, 3, 3, 16); run_case(1, 3, 1, 16); run_case(1, 3, 2, 16);
   run_case(4, 6, 3, 16); run_case(16, 6, 3, 16);
+  // ---- fused moe kernel (route + gate_up + barrier + down, one cooperative launch) ----
+  {
+    float* logits; CK(cudaMalloc(&logits, L * TMAX * E * 4));
+    std::vector<float> hl(L * TMAX * E); std::normal_distribution<float> nd(0.f, 2.f);
+    for (auto& v : hl) v = nd(rng);
+    CK(cudaMemcpy(logits, hl.data(), hl.size() * 4, cudaMemcpyHostToDevice));
+    CK(cudaFuncSetAttribute(stream_moe_kernel<bf, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+    CK(cudaFuncSetAttribute(stream_moe_kernel<bf, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+    int* rids; float* rw; CK(cudaMalloc(&rids, L * TMAX * KMAX * 4)); CK(cudaMalloc(&rw, L * TMAX * KMAX * 4));
+    int fused_cap = 16;
+    bool fused_coop = true;
+    auto fused = [&](int T, int K, int n_total, int l, bf* o) {
+      StreamMoeParams m{StreamParams{x, gu[l], dn[l], nullptr, nullptr, act, o, T, K, E, H, I, 0}, logits + l * TMAX * E,
+                        softmax_args(T, E, K, n_total)};
+      const StreamSmem lay = stream_moe_smem(T, K, H, I);
+      m.e.stages = std::min(fused_cap, std::min(kStreamMaxStages, (optin - lay.ring_at) / kStreamStageBytes));
+      cudaLaunchAttribute attr[1]; attr[0].id = cudaLaunchAttributeCooperative; attr[0].val.cooperative = 1;
+      cudaLaunchConfig_t cfg = {}; cfg.gridDim = dim3(sms); cfg.blockDim = dim3(kStreamThreads); cfg.stream = st; cfg.attrs = attr; cfg.numAttrs = fused_coop ? 1 : 0;
+      cfg.dynamicSmemBytes = lay.total(m.e.stages);
+      if (T <= 8) CK(cudaLaunchKernelEx(&cfg, stream_moe_kernel<bf, 1>, m)); else CK(cudaLaunchKernelEx(&cfg, stream_moe_kernel<bf, 2>, m));
+    };
+    auto unfused = [&](int T, int K, int n_total, int l, bf* o) {
+      const allocmoe::cuda::RouteArgs a = softmax_args(T, E, K, n_total);
+      const int words = allocmoe::cuda::route_block_scratch_words(T, E, K, 1, kStreamThreads / 32);
+      route_only_kernel<<<1, kStreamThreads, words * 4, st>>>(logits + l * TMAX * E, a, rids + l * TMAX * KMAX, rw + l * TMAX * KMAX);
+      StreamParams p{x, gu[l], dn[l], rw + l * TMAX * KMAX, rids + l * TMAX * KMAX, act, o, T, K, E, H, I, 0};
+      cudaLaunchAttribute attr[1]; attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization; attr[0].val.programmaticStreamSerializationAllowed = 1;
+      cudaLaunchConfig_t cfg = {}; cfg.gridDim = dim3(sms); cfg.blockDim = dim3(kStreamThreads); cfg.stream = st; cfg.attrs = attr; cfg.numAttrs = 1;
+      const StreamSmem lg(T, H), ld(stream_act_rows(T, K), I);
+      p.stages = std::min(kStreamMaxStages, (optin - lg.ring_at) / kStreamStageBytes); cfg.dynamicSmemBytes = lg.total(p.stages);
+      if (T <= 8) CK(cudaLaunchKernelEx(&cfg, stream_gate_up_kernel<bf, 1>, p)); else CK(cudaLaunchKernelEx(&cfg, stream_gate_up_kernel<bf, 2>, p));
+      p.stages = std::min(kStreamMaxStages, (optin - ld.ring_at) / kStreamStageBytes); cfg.dynamicSmemBytes = ld.total(p.stages);
+      if (T <= 8) CK(cudaLaunchKernelEx(&cfg, stream_down_kernel<bf, 1>, p)); else CK(cudaLaunchKernelEx(&cfg, stream_down_kernel<bf, 2>, p));
+    };
+    CK(cudaFuncSetAttribute(route_only_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024));
+    int cases[][3] = {{1, 6, 6}, {1, 6, 3}, {1, 6, 2}, {4, 6, 24}, {4, 6, 12}, {16, 6, 96}, {16, 6, 48}, {16, 8, 128}, {7, 6, 20}};
+    for (auto& c : cases) {
+      const int T = c[0], K = c[1], nt = c[2];
+      bf *o1, *o2; CK(cudaMalloc(&o1, T * H * 2)); CK(cudaMalloc(&o2, T * H * 2));
+      CK(cudaMemset(o1, 0xff, T * H * 2)); CK(cudaMemset(o2, 0xff, T * H * 2));
+      unfused(T, K, nt, 1, o1); CK(cudaStreamSynchronize(st));
+      fused(T, K, nt, 1, o2); CK(cudaStreamSynchronize(st));
+      std::vector<bf> a(T * H), b(T * H);
+      CK(cudaMemcpy(a.data(), o1, T * H * 2, cudaMemcpyDeviceToHost)); CK(cudaMemcpy(b.data(), o2, T * H * 2, cudaMemcpyDeviceToHost));
+      int diff = 0, nan = 0; double den = 0;
+      for (int i = 0; i < T * H; ++i) { float u = __bfloat162float(a[i]), v = __bfloat162float(b[i]); if (v != v) ++nan; if (memcmp(&a[i], &b[i], 2)) ++diff; den += u * u; }
+      printf("fused check T=%d K=%d n_total=%d: %d of %d differ from unfused (bitwise), NaN %d, |ref| %.3g\n", T, K, nt, diff, T * H, nan, sqrt(den));
+      CK(cudaFree(o1)); CK(cudaFree(o2));
+      float uf = time_graph([&](int i) { fused(T, K, nt, i % L, out); }, 40);
+      float uu = time_graph([&](int i) { unfused(T, K, nt, i % L, out); }, 40);
+      printf("  T=%2d K=%d n_total=%3d: fused %.1f us, route + gate_up + down %.1f us\n", T, K, nt, uf, uu);
+    }
+    for (int cap : {3, 4, 6, 8}) {
+      fused_cap = cap;
+      for (int nt : {6, 3}) printf("  fused stages<=%d T=1 n_total=%d: %.1f us\n", cap, nt, time_graph([&](int i) { fused(1, 6, nt, i % L, out); }, 40));
+      printf("  fused stages<=%d T=4 n_total=24: %.1f us\n", cap, time_graph([&](int i) { fused(4, 6, 24, i % L, out); }, 40));
+    }
+    fused_cap = 16;
+    // bench-like timing: an L2 flush (read 200 MB) before each call, events around the call alone
+    {
+      char* fl; CK(cudaMalloc(&fl, 200 << 20)); CK(cudaMemset(fl, 1, 200 << 20));
+      auto evt_time = [&](auto&& call) {
+        std::vector<float> ts;
+        for (int r = 0; r < 60; ++r) {
+          normal_read_kernel<<<sms * 4, 512, 0, st>>>((const uint4*)fl, (200 << 20) / 16, sink);
+          CK(cudaEventRecord(e0, st)); call(r); CK(cudaEventRecord(e1, st));
+          CK(cudaEventSynchronize(e1)); float ms; CK(cudaEventElapsedTime(&ms, e0, e1)); if (r >= 10) ts.push_back(ms * 1000.f);
+        }
+        std::sort(ts.begin(), ts.end()); return ts[ts.size() / 2];
+      };
+      for (int nt : {6, 3}) {
+        fused_coop = true;
+        float a = evt_time([&](int r) { fused(1, 6, nt, r % L, out); });
+        fused_coop = false;
+        float b = evt_time([&](int r) { fused(1, 6, nt, r % L, out); });
+        fused_coop = true;
+        float c = evt_time([&](int r) { unfused(1, 6, nt, r % L, out); });
+        printf("  flushed, events: T=1 n_total=%d fused coop %.1f us, fused plain launch %.1f us, route+gate_up+down %.1f us\n", nt, a, b, c);
+      }
+      CK(cudaFree(fl));
+    }
+    // trace of the fused kernel at T=1
+    for (int nt : {6, 3}) {
+      for (int it = 0; it < 10; ++it) { CK(cudaMemsetAsync(tr, 0, 8 * 1024 * 8, st)); fused(1, 6, nt, it % L, out); }
+      CK(cudaStreamSynchronize(st));
+      std::vector<unsigned long long> ht(8 * 1024); CK(cudaMemcpy(ht.data(), tr, ht.size() * 8, cudaMemcpyDeviceToHost));
+      unsigned long long t0 = ~0ull; for (int b = 0; b < sms; ++b) if (ht[b]) t0 = std::min(t0, ht[b]);
+      printf("fused trace T=1 n_total=%d (us from first entry): event min / median / max / n\n", nt);
+      const char* names[8] = {"entry", "lists", "x staged", "gate_up end", "routed", "-", "barrier done", "end"};
+      for (int ev : {0, 4, 1, 2, 3, 6, 7}) {
+        std::vector<double> v; for (int b = 0; b < sms; ++b) if (ht[ev * 1024 + b]) v.push_back((ht[ev * 1024 + b] - t0) / 1000.0);
+        std::sort(v.begin(), v.end());
+        if (v.empty()) { printf("  %-14s -\n", names[ev]); continue; }
+        printf("  %-14s %7.2f %7.2f %7.2f  %zu\n", names[ev], v.front(), v[v.size() / 2], v.back(), v.size());
+      }
+    }
+  }
   CK(cudaDeviceSynchronize());
   printf("done\n");
 }

@@ -16,6 +16,7 @@ TORCH_LIBRARY(allocmoe, m) {
       "experts(Tensor hidden, Tensor gate_up, Tensor down, Tensor weights, Tensor ids, "
       "Tensor? gate_up_bias=None, Tensor? down_bias=None, str activation=\"silu\", "
       "float swiglu_alpha=1.702, float swiglu_limit=7.0) -> Tensor");
-  // One MoE layer for decode: router GEMV, route (Alloc-T), routed experts and shared experts.
-  m.def("moe(Tensor hidden, Tensor router_weight, Tensor gate_up, Tensor down, int top_k, float budget, int k_base=1, str scoring=\"softmax\", Tensor? correction_bias=None, int n_group=1, int topk_group=1, bool norm_topk_prob=False, float routed_scaling_factor=1.0, Tensor? shared_gate_up=None, Tensor? shared_down=None, Tensor? shared_gate=None) -> Tensor");
+  // One MoE layer for decode: router GEMV (or the router's logits), route (Alloc-T), routed
+  // experts and shared experts. Exactly one of router_weight and router_logits is given.
+  m.def("moe(Tensor hidden, Tensor? router_weight, Tensor gate_up, Tensor down, int top_k, float budget, int k_base=1, str scoring=\"softmax\", Tensor? correction_bias=None, int n_group=1, int topk_group=1, bool norm_topk_prob=False, float routed_scaling_factor=1.0, Tensor? shared_gate_up=None, Tensor? shared_down=None, Tensor? shared_gate=None, Tensor? router_logits=None) -> Tensor");
 }

@@ -1,5 +1,6 @@
-"""CUDA `moe` vs the CPU op, on both of its paths: the fused one-launch decode kernel (T <= 16)
-and the composition (router matmul + route + experts), forced through ALLOCMOE_MOE_PATH, and auto.
+"""CUDA `moe` vs the CPU op, on every path: the stream kernel (sm_90, T <= 16, bf16/fp16;
+elsewhere it falls back to the composition), the older one-launch decode kernel (T <= 16) and
+the composition (router matmul + route + experts), forced through ALLOCMOE_MOE_PATH, and auto.
 
 Marked `cuda`; skipped without a GPU or without a CUDA build of the extension.
 """
@@ -15,7 +16,7 @@ from cuda_marks import CUDA_ONLY, poison_cache
 pytestmark = CUDA_ONLY
 
 
-@pytest.fixture(autouse=True, params=["auto", "fused", "composite"])
+@pytest.fixture(autouse=True, params=["auto", "stream", "fused", "composite"])
 def moe_path(request, monkeypatch):
     """Every test runs on every path of the CUDA moe op (csrc/cuda/moe_decode.cu)."""
     monkeypatch.setenv("ALLOCMOE_MOE_PATH", request.param)
@@ -128,3 +129,60 @@ def test_moe_bad_path_env_names_it(monkeypatch):
     layer = {k: v.cuda() for k, v in make_layer(1, 256, 128, 8, 0, 0, torch.bfloat16, seed=1).items()}
     with pytest.raises(RuntimeError, match="ALLOCMOE_MOE_PATH"):
         ops.moe(**layer, top_k=2, budget=2.0)
+
+
+@pytest.mark.parametrize("T,E,K,budget", [(1, 64, 6, 6.0), (1, 64, 6, 3.0), (4, 60, 4, 2.5), (9, 64, 8, 5.5),
+                                          (16, 64, 6, 3.0), (16, 256, 8, 8.0)])
+@pytest.mark.parametrize("logits_dtype", [torch.float32, torch.bfloat16])
+def test_moe_from_logits_matches_cpu(T, E, K, budget, logits_dtype):
+    """router_logits in (the stream kernel's input on sm_90), skewed routing: a few hot experts."""
+    t = make_layer(T, 256, 96, E, 0, 0, torch.bfloat16, seed=T * 7 + E)
+    g = torch.Generator().manual_seed(T)
+    logits = (torch.randn(T, E, generator=g) + 4.0 * (torch.arange(E) % 7 == 0)).to(logits_dtype)
+    args = (t["hidden"], None, t["gate_up"], t["down"], K, budget)
+    ref = ops.moe(*args, router_logits=logits)
+    poison_cache()
+    out = ops.moe(*(a.cuda() if isinstance(a, torch.Tensor) else a for a in args), router_logits=logits.cuda())
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+    assert rel_err(out.cpu(), ref) < 1e-2
+
+
+def test_moe_dsv2_layer_shape_matches_cpu():
+    """DeepSeek-V2-Lite layer (H=2048, I=1408, E=64, top-6): every CTA of the grid has work."""
+    t = make_layer(2, 2048, 1408, 64, 1, 2816, torch.bfloat16, seed=2)
+    ref = ops.moe(**t, top_k=6, budget=4.5)
+    out = ops.moe(**{k: v.cuda() for k, v in t.items()}, top_k=6, budget=4.5)
+    assert rel_err(out.cpu(), ref) < 1e-2
+
+
+def test_auto_takes_stream_kernel_on_sm90(moe_path):
+    if moe_path != "auto" or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("auto on sm_90 only")
+    t = {k: v.cuda() for k, v in make_layer(1, 256, 128, 64, 0, 0, torch.bfloat16, 4).items()}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ops.moe(**t, top_k=6, budget=3.0)
+        torch.cuda.synchronize()
+    names = " ".join(e.name for e in prof.events())
+    assert "stream_moe_kernel" in names, names[:2000]
+
+
+def test_moe_from_logits_graph_capture_and_deterministic():
+    t = {k: v.cuda() for k, v in make_layer(3, 512, 256, 64, 0, 0, torch.bfloat16, 9).items()}
+    logits = torch.randn(3, 64, device="cuda")
+    args = (t["hidden"], None, t["gate_up"], t["down"], 6, 4.0)
+    a = ops.moe(*args, router_logits=logits)
+    assert torch.equal(a, ops.moe(*args, router_logits=logits))
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s):
+        ops.moe(*args, router_logits=logits)
+        with torch.cuda.graph(g, stream=s):
+            out = ops.moe(*args, router_logits=logits)
+    torch.cuda.current_stream().wait_stream(s)
+    for _ in range(3):
+        logits.copy_(torch.randn_like(logits))
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, ops.moe(*args, router_logits=logits))

@@ -252,7 +252,7 @@ using cuda::DeviceInfo;
 
 // Shared memory of the two stream launches: x of the T tokens, or two buffers of act rows.
 StreamSmem stream_gate_up_smem(int T, int H) { return StreamSmem(T, H); }
-StreamSmem stream_down_smem(int T, int I) { return StreamSmem(2 * stream_pairs_per_pass(T), I); }
+StreamSmem stream_down_smem(int T, int K, int I) { return StreamSmem(stream_act_rows(T, K), I); }
 
 // Ring depth of a stream launch: as many stages as the shared memory holds, up to the maximum.
 int stream_stages(const StreamSmem& lay, const DeviceInfo& d) {
@@ -264,7 +264,7 @@ bool stream_fits(int64_t T, int64_t K, int64_t H, int64_t I, const DeviceInfo& d
   if (d.major < 9 || T > kStreamMaxTokens || T * K > kStreamMaxSlots || H > 65536 || I > 65536) return false;
   const int t = static_cast<int>(T);
   return stream_stages(stream_gate_up_smem(t, static_cast<int>(H)), d) >= kStreamMinStages &&
-         stream_stages(stream_down_smem(t, static_cast<int>(I)), d) >= kStreamMinStages;
+         stream_stages(stream_down_smem(t, static_cast<int>(K), static_cast<int>(I)), d) >= kStreamMinStages;
 }
 
 template <typename Elem, int NT>
@@ -283,7 +283,7 @@ void launch_stream(StreamParams p, const DeviceInfo& d, cudaStream_t stream) {
   cfg.stream = stream;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  const StreamSmem gate_up_smem = stream_gate_up_smem(p.T, p.H), down_smem = stream_down_smem(p.T, p.I);
+  const StreamSmem gate_up_smem = stream_gate_up_smem(p.T, p.H), down_smem = stream_down_smem(p.T, p.K, p.I);
   p.stages = stream_stages(gate_up_smem, d);
   cfg.dynamicSmemBytes = gate_up_smem.total(p.stages);
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, stream_gate_up_kernel<Elem, NT>, p));

@@ -51,6 +51,16 @@ constexpr int kStreamMaxSlots = 256;  // T*K: one slot per thread while the list
 constexpr int kStreamRedStride = kStreamRows + 1;  // floats per (warp, pair) in the reduction buffer
 // Pairs (token, expert) multiplied per pass: one n8 tile up to 8 tokens, two up to 16.
 __host__ __device__ constexpr int stream_pairs_per_pass(int T) { return T <= 8 ? 8 : 16; }
+// Up to this many slots (T*K) the down phase loads every act row once, before its first unit;
+// beyond it, the rows of the next unit load while the current one is multiplied. Measured on
+// H100 (T=1): with the HBM queues full of weight copies an L2 round trip takes microseconds,
+// and one per unit (six at top-6) left the down consumers waiting most of the time.
+constexpr int kStreamResidentSlots = 32;
+__host__ __device__ constexpr bool stream_act_resident(int T, int K) { return T * K <= kStreamResidentSlots; }
+// act rows the down phase holds in shared memory.
+__host__ __device__ constexpr int stream_act_rows(int T, int K) {
+  return stream_act_resident(T, K) && T * K > 2 * stream_pairs_per_pass(T) ? T * K : 2 * stream_pairs_per_pass(T);
+}
 
 // Timing hooks for the standalone harness only (never defined in the library build).
 #ifdef ALLOCMOE_STREAM_TRACE
@@ -90,7 +100,8 @@ __host__ __device__ constexpr int stream_row_pitch(int len) {
   return (len / 2 + (((16 - len / 2) % 32) + 32) % 32) * 4;
 }
 
-// Shared memory of one CTA: [mbarriers | lists | reduction buffers | operand rows | ring].
+// Shared memory of one CTA: [mbarriers | lists | reduction buffers | sums | routing result |
+// operand rows | ring].
 // The operand rows are the tokens' x (gate_up: T rows of H) or two buffers of act rows
 // (down: 2 x NT*8 rows of I, the next expert's rows load while the current one is multiplied).
 struct StreamSmem {
@@ -101,12 +112,17 @@ struct StreamSmem {
   static constexpr int kRedBytes = kStreamConsumerWarps * 16 * kStreamRedStride * 4;
   static constexpr int kPairSumsAt = kRedAt + kRedBytes;  // [16 pairs][kStreamRedStride] floats
   static constexpr int kOutAccAt = kPairSumsAt + 16 * kStreamRedStride * 4;  // [kStreamMaxTokens][16] floats
-  static constexpr int kOperandAt = (kOutAccAt + kStreamMaxTokens * 16 * 4 + 127) / 128 * 128;
+  // The fused moe kernel's routing result: ids [kStreamMaxSlots] ints, then the weights.
+  static constexpr int kRouteAt = kOutAccAt + kStreamMaxTokens * 16 * 4;
+  static constexpr int kOperandAt = (kRouteAt + 2 * kStreamMaxSlots * 4 + 127) / 128 * 128;
   int pitch, ring_at;
   __host__ __device__ StreamSmem(int operand_rows, int operand_len) {
     pitch = stream_row_pitch(operand_len);
     ring_at = (kOperandAt + operand_rows * pitch + 127) / 128 * 128;
   }
+  // Operand area of operand_bytes holding rows of several pitches (the fused moe kernel).
+  __host__ __device__ explicit StreamSmem(int operand_bytes)
+      : pitch(0), ring_at((kOperandAt + operand_bytes + 127) / 128 * 128) {}
   __host__ __device__ int total(int stages) const { return ring_at + stages * kStreamStageBytes; }
 };
 
@@ -323,6 +339,7 @@ struct StreamShared {
   unsigned char* ring_ptr;
   float* red;
   int* lists;
+  int stages;
 };
 
 // Barrier setup: full barriers get one arrival (the producer's expect_tx) plus the bytes,
@@ -335,6 +352,7 @@ __device__ __forceinline__ StreamShared stream_shared(unsigned char* smem, const
   s.ring = smem_addr(s.ring_ptr);
   s.red = reinterpret_cast<float*>(smem + StreamSmem::kRedAt);
   s.lists = reinterpret_cast<int*>(smem + StreamSmem::kListsAt);
+  s.stages = stages;
   if (threadIdx.x == 0) {
     for (int i = 0; i < stages; ++i) {
       mbar_init(s.full0 + 8 * i, 1);
@@ -345,53 +363,47 @@ __device__ __forceinline__ StreamShared stream_shared(unsigned char* smem, const
   return s;
 }
 
+// ---------------------------------------------------------------------------------------------
+// The two phases, each as a producer part and a consumer part, so that the experts op (two
+// launches, below) and the fused moe kernel (moe_stream.cuh, one launch with a grid barrier
+// between the phases) run the same code. The ring position carries over from one phase to the
+// next: the producer may stream down weights while the consumers still multiply gate_up rows.
+// ---------------------------------------------------------------------------------------------
+
+// gate_up items: (j-th used expert, 8 intermediate rows), dealt round robin over the grid
+// (items blockIdx.x, + gridDim.x, ...): at any moment the grid reads neighbouring rows of one
+// expert (measured on H100: the CTAs then finish within 0.4 us of each other at T=1, against
+// 5 us with contiguous ranges per CTA, whose addresses are spread over the whole expert).
+__device__ __forceinline__ int gate_up_item_count(const StreamLists& L, int I) { return L.nused * (I / 8); }
+
 template <typename T, int NT>
-__global__ void __launch_bounds__(kStreamThreads, 1) stream_gate_up_kernel(StreamParams p) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  const StreamSmem lay(p.T, p.H);
-  const StreamShared sh = stream_shared(smem, lay, p.stages);
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
-  const int H = p.H, I = p.I, K = p.K;
-  STREAM_TRACE(0);
-  wait_for_previous_grid();  // ids and x may come from the grid before
-  allow_next_grid();         // the down grid may take each SM as soon as this grid leaves it
-  const StreamLists L = build_stream_lists(p.ids, p.T * K, p.E, sh.lists);
-  STREAM_TRACE(1);
-  // Items (j-th used expert, 8 intermediate rows), split evenly over the grid.
-  const int tiles = I / 8;
-  const long long count = (long long)L.nused * tiles;
-  // Items blockIdx.x, + gridDim.x, ...: at any moment the grid reads neighbouring rows of one
-  // expert (measured on H100: the CTAs then finish within 0.4 us of each other at T=1, against
-  // 5 us with contiguous ranges per CTA, whose addresses are spread over the whole expert).
-  const int first = blockIdx.x, last = static_cast<int>(count), step = gridDim.x;
-  if (first >= last) return;
+__device__ __forceinline__ void produce_gate_up(const StreamParams& p, const StreamLists& L, Producer& prod) {
+  const int lane = threadIdx.x & 31, H = p.H, I = p.I, tiles = I / 8;
   const T* gu = static_cast<const T*>(p.gate_up);
-
-  if (warp == kStreamConsumerWarps) {
-    Producer prod{sh.full0, sh.empty0, sh.ring, p.stages, evict_first_policy(), {}};
-    for (int item = first; item < last; item += step) {
-      const int j = item / tiles, r0 = (item % tiles) * 8;
-      const int row = lane < 8 ? r0 + lane : I + r0 + (lane - 8);  // gate rows, then up rows
-      const int npairs = L.start[j + 1] - L.start[j];
-      prod.unit(gu + ((size_t)L.used[j] * 2 * I + row) * H, H, (npairs + NT * 8 - 1) / (NT * 8));
-    }
-    return;
+  for (int item = blockIdx.x; item < gate_up_item_count(L, I); item += gridDim.x) {
+    const int j = item / tiles, r0 = (item % tiles) * 8;
+    const int row = lane < 8 ? r0 + lane : I + r0 + (lane - 8);  // gate rows, then up rows
+    const int npairs = L.start[j + 1] - L.start[j];
+    prod.unit(gu + ((size_t)L.used[j] * 2 * I + row) * H, H, (npairs + NT * 8 - 1) / (NT * 8));
   }
+}
 
-  // x -> shared memory, [T][pitch], while the first stages are in flight.
-  unsigned char* xs = smem + StreamSmem::kOperandAt;
+// x -> shared memory ([T][x_pitch] at xs), then this CTA's items: act[slot, r..r+7].
+template <typename T, int NT>
+__device__ __forceinline__ void consume_gate_up(const StreamParams& p, const StreamLists& L, const StreamShared& sh,
+                                                unsigned char* xs, int x_pitch, RingPos& pos) {
+  const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, c = lane & 3;
+  const int H = p.H, I = p.I, K = p.K, tiles = I / 8;
   const int vec = H / 8;
   for (int idx = tid; idx < p.T * vec; idx += kStreamConsumers) {
     const int t = idx / vec, v = idx % vec;
-    *reinterpret_cast<uint4*>(xs + (size_t)t * lay.pitch + v * 16) =
+    *reinterpret_cast<uint4*>(xs + (size_t)t * x_pitch + v * 16) =
         load_cached16(static_cast<const T*>(p.x) + (size_t)t * H + v * 8);
   }
   consumers_sync();
   STREAM_TRACE(2);
-
   T* act = static_cast<T*>(p.act);
-  RingPos pos;
-  for (int item = first; item < last; item += step) {
+  for (int item = blockIdx.x; item < gate_up_item_count(L, I); item += gridDim.x) {
     const int j = item / tiles, r0 = (item % tiles) * 8;
     const int s0 = L.start[j], npairs = L.start[j + 1] - s0;
     for (int p0 = 0; p0 < npairs; p0 += NT * 8) {
@@ -401,10 +413,10 @@ __global__ void __launch_bounds__(kStreamThreads, 1) stream_gate_up_kernel(Strea
       for (int nt = 0; nt < NT; ++nt) {
         const int pr = p0 + nt * 8 + g;
         const int slot = L.list[s0 + (pr < npairs ? pr : p0)];
-        brow[nt] = reinterpret_cast<const T*>(xs + (size_t)(slot / K) * lay.pitch) + 8 * c;
+        brow[nt] = reinterpret_cast<const T*>(xs + (size_t)(slot / K) * x_pitch) + 8 * c;
       }
       float acc[NT][4];
-      consume_pass<T, NT, true>(acc, brow, npass, H, sh.full0, sh.empty0, sh.ring_ptr, p.stages, pos);
+      consume_pass<T, NT, true>(acc, brow, npass, H, sh.full0, sh.empty0, sh.ring_ptr, sh.stages, pos);
       stash_partials<NT>(sh.red, acc);
       consumers_sync();
       for (int idx = tid; idx < npass * 8; idx += kStreamConsumers) {
@@ -418,7 +430,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1) stream_gate_up_kernel(Strea
   STREAM_TRACE(3);
 }
 
-// One unit of the down grid: output row tile `tile`, j-th used expert, pairs p0 .. p0 + NT*8.
+// One unit of the down phase: output row tile `tile`, j-th used expert, pairs p0 .. p0 + NT*8.
 // Units run tile by tile (tiles blockIdx.x, + gridDim.x, ...), every used expert of a tile in
 // order, so the whole sum of a tile's rows stays in this CTA.
 template <int NT>
@@ -434,81 +446,80 @@ struct DownUnit {
 };
 
 template <typename T, int NT>
-__global__ void __launch_bounds__(kStreamThreads, 1) stream_down_kernel(StreamParams p) {
-  extern __shared__ __align__(16) unsigned char smem[];
+__device__ __forceinline__ void produce_down(const StreamParams& p, const StreamLists& L, Producer& prod) {
+  const int lane = threadIdx.x & 31, H = p.H, I = p.I, tiles = H / kStreamRows;
+  const T* dn = static_cast<const T*>(p.down);
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x)
+    for (int j = 0; j < L.nused; ++j) {
+      const int npairs = L.start[j + 1] - L.start[j];
+      prod.unit(dn + ((size_t)L.used[j] * H + tile * kStreamRows + (lane & 15)) * I, I, (npairs + NT * 8 - 1) / (NT * 8));
+    }
+}
+
+// The down phase's consumers; act must be complete and visible once wait_for_previous_grid()
+// returns (the experts op: the gate_up grid; the fused kernel: the grid barrier came before).
+// bufs: stream_act_rows(T, K) act rows of pitch act_pitch (all of them, or two buffers of NT*8).
+template <typename T, int NT>
+__device__ __forceinline__ void consume_down(const StreamParams& p, const StreamLists& L, const StreamShared& sh,
+                                             unsigned char* smem, unsigned char* bufs, int act_pitch, RingPos& pos) {
   constexpr int kBufRows = NT * 8;
-  const StreamSmem lay(2 * kBufRows, p.I);
-  const StreamShared sh = stream_shared(smem, lay, p.stages);
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c = lane & 3;
+  const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, c = lane & 3;
   const int H = p.H, I = p.I, K = p.K, ntok = p.T;
   const int tiles = H / kStreamRows;
   T* out = static_cast<T*>(p.out);
-  STREAM_TRACE(4);
-
-  // ids were final before the gate_up grid started, so the lists and the weight stream need
-  // not wait for it; only act and the output do.
-  const StreamLists L = build_stream_lists(p.ids, ntok * K, p.E, sh.lists);
-  STREAM_TRACE(5);
-  if (L.nused == 0) {  // nothing routed anywhere: the output is zero
-    wait_for_previous_grid();
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x)
-      for (int idx = tid; idx < ntok * kStreamRows; idx += kStreamThreads)
-        out[(size_t)(idx / kStreamRows) * H + tile * kStreamRows + idx % kStreamRows] = Mma16<T>::from_float(0.f);
-    return;
-  }
-  if ((int)blockIdx.x >= tiles) return;
-  const T* dn = static_cast<const T*>(p.down);
-
-  if (warp == kStreamConsumerWarps) {
-    Producer prod{sh.full0, sh.empty0, sh.ring, p.stages, evict_first_policy(), {}};
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x)
-      for (int j = 0; j < L.nused; ++j) {
-        const int npairs = L.start[j + 1] - L.start[j];
-        prod.unit(dn + ((size_t)L.used[j] * H + tile * kStreamRows + (lane & 15)) * I, I,
-                  (npairs + kBufRows - 1) / kBufRows);
-      }
-    return;
-  }
-
   float* pair_sums = reinterpret_cast<float*>(smem + StreamSmem::kPairSumsAt);
   float* out_acc = reinterpret_cast<float*>(smem + StreamSmem::kOutAccAt);
-  unsigned char* bufs = smem + StreamSmem::kOperandAt;
   const T* act = static_cast<const T*>(p.act);
   // act rows of unit u's pairs -> buffer b (16-byte cp.async; one commit group per unit).
   auto load_act = [&](const DownUnit<NT>& u, int b) {
     const int s0 = L.start[u.j], npass = min(kBufRows, L.start[u.j + 1] - s0 - u.p0), vec = I / 8;
     for (int idx = tid; idx < npass * vec; idx += kStreamConsumers) {
       const int pl = idx / vec, v = idx % vec;
-      cp_async16(bufs + (size_t)(b * kBufRows + pl) * lay.pitch + v * 16,
+      cp_async16(bufs + (size_t)(b * kBufRows + pl) * act_pitch + v * 16,
                  act + (size_t)L.list[s0 + u.p0 + pl] * I + v * 8, 16);
     }
     cp_async_commit();
   };
   for (int idx = tid; idx < ntok * kStreamRows; idx += kStreamConsumers) out_acc[idx] = 0.f;
 
-  wait_for_previous_grid();  // act is complete and visible from here on
+  wait_for_previous_grid();
   STREAM_TRACE(6);
   DownUnit<NT> u{static_cast<int>(blockIdx.x), 0, 0};
-  load_act(u, 0);
-  RingPos pos;
+  if (u.tile >= tiles) return;
+  const bool resident = stream_act_resident(ntok, K);
+  if (resident) {  // every valid slot's row, at bufs + slot * act_pitch
+    const int vec = I / 8, nvalid = L.start[L.nused];
+    for (int idx = tid; idx < nvalid * vec; idx += kStreamConsumers) {
+      const int slot = L.list[idx / vec], v = idx % vec;
+      cp_async16(bufs + (size_t)slot * act_pitch + v * 16, act + (size_t)slot * I + v * 8, 16);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+  } else {
+    load_act(u, 0);
+  }
   for (int q = 0; u.tile < tiles; ++q) {
     DownUnit<NT> nx = u;
     nx.next(L);
-    if (nx.tile < tiles) load_act(nx, (q + 1) & 1);
-    else cp_async_commit();  // an empty group keeps the count below uniform
-    cp_async_wait<1>();      // this unit's rows have landed (the next unit's may still fly)
+    if (!resident) {
+      if (nx.tile < tiles) load_act(nx, (q + 1) & 1);
+      else cp_async_commit();  // an empty group keeps the count below uniform
+      cp_async_wait<1>();      // this unit's rows have landed (the next unit's may still fly)
+    }
     consumers_sync();
 
     const int s0 = L.start[u.j], npairs = L.start[u.j + 1] - s0, npass = min(kBufRows, npairs - u.p0);
-    const unsigned char* buf = bufs + (size_t)(q & 1) * kBufRows * lay.pitch;
+    const unsigned char* buf = bufs + (size_t)(q & 1) * kBufRows * act_pitch;
     const T* brow[NT];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-      const int pl = nt * 8 + g;
-      brow[nt] = reinterpret_cast<const T*>(buf + (size_t)(pl < npass ? pl : 0) * lay.pitch) + 8 * c;
+      const int pl = nt * 8 + g < npass ? nt * 8 + g : 0;
+      const unsigned char* row =
+          resident ? bufs + (size_t)L.list[s0 + u.p0 + pl] * act_pitch : buf + (size_t)pl * act_pitch;
+      brow[nt] = reinterpret_cast<const T*>(row) + 8 * c;
     }
     float acc[NT][4];
-    consume_pass<T, NT, true>(acc, brow, npass, I, sh.full0, sh.empty0, sh.ring_ptr, p.stages, pos);
+    consume_pass<T, NT, true>(acc, brow, npass, I, sh.full0, sh.empty0, sh.ring_ptr, sh.stages, pos);
     stash_partials<NT>(sh.red, acc);
     consumers_sync();
     for (int idx = tid; idx < npass * kStreamRows; idx += kStreamConsumers) {
@@ -534,6 +545,63 @@ __global__ void __launch_bounds__(kStreamThreads, 1) stream_down_kernel(StreamPa
     u = nx;
   }
   STREAM_TRACE(7);
+}
+
+// Nothing routed anywhere (every id is -1 or out of range): the output is zero.
+template <typename T>
+__device__ __forceinline__ void write_zero_output(const StreamParams& p) {
+  T* out = static_cast<T*>(p.out);
+  for (int tile = blockIdx.x; tile < p.H / kStreamRows; tile += gridDim.x)
+    for (int idx = threadIdx.x; idx < p.T * kStreamRows; idx += blockDim.x)
+      out[(size_t)(idx / kStreamRows) * p.H + tile * kStreamRows + idx % kStreamRows] = Mma16<T>::from_float(0.f);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The experts op's two launches.
+// ---------------------------------------------------------------------------------------------
+template <typename T, int NT>
+__global__ void __launch_bounds__(kStreamThreads, 1) stream_gate_up_kernel(StreamParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const StreamSmem lay(p.T, p.H);
+  const StreamShared sh = stream_shared(smem, lay, p.stages);
+  STREAM_TRACE(0);
+  wait_for_previous_grid();  // ids and x may come from the grid before
+  allow_next_grid();         // the down grid may take each SM as soon as this grid leaves it
+  const StreamLists L = build_stream_lists(p.ids, p.T * p.K, p.E, sh.lists);
+  STREAM_TRACE(1);
+  if ((int)blockIdx.x >= gate_up_item_count(L, p.I)) return;
+  RingPos pos;
+  if (threadIdx.x >= kStreamConsumers) {
+    Producer prod{sh.full0, sh.empty0, sh.ring, p.stages, evict_first_policy(), {}};
+    produce_gate_up<T, NT>(p, L, prod);
+    return;
+  }
+  consume_gate_up<T, NT>(p, L, sh, smem + StreamSmem::kOperandAt, lay.pitch, pos);
+}
+
+template <typename T, int NT>
+__global__ void __launch_bounds__(kStreamThreads, 1) stream_down_kernel(StreamParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const StreamSmem lay(stream_act_rows(p.T, p.K), p.I);
+  const StreamShared sh = stream_shared(smem, lay, p.stages);
+  STREAM_TRACE(4);
+  // ids were final before the gate_up grid started, so the lists and the weight stream need
+  // not wait for it; only act and the output do.
+  const StreamLists L = build_stream_lists(p.ids, p.T * p.K, p.E, sh.lists);
+  STREAM_TRACE(5);
+  if (L.nused == 0) {
+    wait_for_previous_grid();
+    write_zero_output<T>(p);
+    return;
+  }
+  if ((int)blockIdx.x >= p.H / kStreamRows) return;
+  RingPos pos;
+  if (threadIdx.x >= kStreamConsumers) {
+    Producer prod{sh.full0, sh.empty0, sh.ring, p.stages, evict_first_policy(), {}};
+    produce_down<T, NT>(p, L, prod);
+    return;
+  }
+  consume_down<T, NT>(p, L, sh, smem, smem + StreamSmem::kOperandAt, lay.pitch, pos);
 }
 
 }  // namespace allocmoe::cuda_experts

@@ -35,6 +35,7 @@
 #include "common/arg_checks.h"
 #include "cpu/moe.h"
 #include "cuda/device_info.h"
+#include "cuda/moe_stream.cuh"
 #include "cuda/routing.cuh"
 #include "validation.h"
 
@@ -499,28 +500,106 @@ bool dispatch_tokens(const MoeArgs& m, size_t smem, int nblocks, cudaStream_t st
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
-enum class MoePath { kAuto, kFused, kComposite };
+enum class MoePath { kAuto, kStream, kFused, kComposite };
 
-// ALLOCMOE_MOE_PATH, read on every call (tests force both paths).
+// ALLOCMOE_MOE_PATH, read on every call (tests force every path).
 MoePath forced_moe_path() {
   const char* v = std::getenv("ALLOCMOE_MOE_PATH");
   if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) return MoePath::kAuto;
+  if (std::strcmp(v, "stream") == 0) return MoePath::kStream;
   if (std::strcmp(v, "fused") == 0) return MoePath::kFused;
   if (std::strcmp(v, "composite") == 0) return MoePath::kComposite;
-  ALLOCMOE_CHECK(false, "allocmoe.moe: ALLOCMOE_MOE_PATH must be auto, fused or composite, got '", v, "'");
+  ALLOCMOE_CHECK(false, "allocmoe.moe: ALLOCMOE_MOE_PATH must be auto, stream, fused or composite, got '", v, "'");
   return MoePath::kAuto;
+}
+
+// ---- the stream path (moe_stream.cuh) -----------------------------------------------------
+using cuda_experts::StreamMoeParams;
+using cuda_experts::StreamParams;
+using cuda_experts::StreamSmem;
+
+// Ring depth of the stream kernel: as many stages as the shared memory holds.
+int stream_moe_stages(int64_t T, int64_t K, int64_t H, int64_t I, const DeviceInfo& d) {
+  const StreamSmem lay = cuda_experts::stream_moe_smem(static_cast<int>(T), static_cast<int>(K), static_cast<int>(H),
+                                                       static_cast<int>(I));
+  const int room = d.smem_optin - lay.ring_at;
+  return std::min(cuda_experts::kStreamMaxStages, room < 0 ? 0 : room / cuda_experts::kStreamStageBytes);
+}
+
+// The experts op's stream preconditions (bf16/fp16, contiguous 16-byte aligned weights, H and I
+// multiples of 32, T <= 16, T*K <= 256), sm_90 with cooperative launch, E <= 256, and room in
+// the ring for the routing scratch.
+bool stream_moe_fits(const at::Tensor& hidden, const at::Tensor& gate_up, const at::Tensor& down, int64_t T,
+                     int64_t K, int64_t E, int64_t n_group, Scoring scoring, const DeviceInfo& d) {
+  const int64_t H = hidden.size(1), I = gate_up.size(1) / 2;
+  using namespace cuda_experts;
+  if (d.major < 9 || !d.coop || T > kStreamMaxTokens || T * K > kStreamMaxSlots || E > kMaxExpertsCuda || K > 32) return false;
+  if (!(hidden.scalar_type() == at::kBFloat16 || hidden.scalar_type() == at::kHalf)) return false;
+  if (!gate_up.is_contiguous() || !down.is_contiguous() || !aligned16(gate_up) || !aligned16(down)) return false;
+  if (H % 32 != 0 || I % 32 != 0 || H > 65536 || I > 65536 || E * 2 * I * H >= (int64_t(1) << 62)) return false;
+  const int stages = stream_moe_stages(T, K, H, I, d);
+  const int groups = is_group_scoring(scoring) ? static_cast<int>(n_group) : 1;
+  const int route_bytes = 4 * route_block_scratch_words(static_cast<int>(T), static_cast<int>(E), static_cast<int>(K),
+                                                        groups, kStreamThreads / 32);
+  return stages >= kStreamMinStages && route_bytes <= stages * kStreamStageBytes;
+}
+
+template <typename Elem, int NT>
+void launch_stream_moe(const StreamMoeParams& m, size_t smem, int grid, cudaStream_t stream) {
+  auto* kernel = &cuda_experts::stream_moe_kernel<Elem, NT>;
+  static bool done[64] = {};
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev >= 64 || !done[dev]) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        device_info(dev).smem_optin));
+    if (dev < 64) done[dev] = true;
+  }
+  // Cooperative: every CTA resident at once, which the grid barrier between the phases needs
+  // (captured into CUDA graphs as such).
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(cuda_experts::kStreamThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, m));
+}
+
+void run_stream_moe(const at::Tensor& x, const at::Tensor& logits, const at::Tensor& gate_up, const at::Tensor& down,
+                    const RouteArgs& r, at::Tensor& out, const DeviceInfo& d, cudaStream_t stream) {
+  const int T = x.size(0), H = x.size(1), E = gate_up.size(0), I = gate_up.size(1) / 2, K = r.K;
+  at::Tensor act = at::empty({(int64_t)T * K, I}, x.options());
+  StreamMoeParams m{StreamParams{x.data_ptr(), gate_up.data_ptr(), down.data_ptr(), nullptr, nullptr, act.data_ptr(),
+                                 out.data_ptr(), T, K, E, H, I, stream_moe_stages(T, K, H, I, d)},
+                    logits.data_ptr<float>(), r};
+  const size_t smem = cuda_experts::stream_moe_smem(T, K, H, I).total(m.e.stages);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  if (cuda_experts::stream_pairs_per_pass(T) == 8) {
+    if (bf16) launch_stream_moe<__nv_bfloat16, 1>(m, smem, d.sms, stream);
+    else launch_stream_moe<__half, 1>(m, smem, d.sms, stream);
+  } else {
+    if (bf16) launch_stream_moe<__nv_bfloat16, 2>(m, smem, d.sms, stream);
+    else launch_stream_moe<__half, 2>(m, smem, d.sms, stream);
+  }
 }
 
 }  // namespace
 
-at::Tensor moe_cuda(const at::Tensor& hidden, const at::Tensor& router_weight, const at::Tensor& gate_up,
+at::Tensor moe_cuda(const at::Tensor& hidden, const std::optional<at::Tensor>& router_weight, const at::Tensor& gate_up,
                     const at::Tensor& down, int64_t top_k, double budget, int64_t k_base, c10::string_view scoring_name,
                     const std::optional<at::Tensor>& correction_bias, int64_t n_group, int64_t topk_group,
                     bool norm_topk_prob, double routed_scaling_factor, const std::optional<at::Tensor>& shared_gate_up,
-                    const std::optional<at::Tensor>& shared_down, const std::optional<at::Tensor>& shared_gate) {
-  check_moe_args(hidden, router_weight, gate_up, down, shared_gate_up, shared_down, shared_gate);
+                    const std::optional<at::Tensor>& shared_down, const std::optional<at::Tensor>& shared_gate,
+                    const std::optional<at::Tensor>& router_logits) {
+  const int64_t E = check_moe_args(hidden, router_weight, gate_up, down, shared_gate_up, shared_down, shared_gate,
+                                   router_logits);
   const c10::cuda::CUDAGuard guard(hidden.device());
-  const int64_t T = hidden.size(0), H = hidden.size(1), E = router_weight.size(0);
+  const int64_t T = hidden.size(0), H = hidden.size(1);
   const at::Tensor logits_shape = at::empty({0, E}, hidden.options().dtype(at::kFloat));
   const Scoring scoring =
       check_route_args(logits_shape, top_k, budget, k_base, std::string_view(scoring_name.data(), scoring_name.size()),
@@ -536,25 +615,47 @@ at::Tensor moe_cuda(const at::Tensor& hidden, const at::Tensor& router_weight, c
   const auto composite = [&] {
     return moe_composite(hidden, router_weight, gate_up, down, top_k, budget, k_base, scoring_name, correction_bias,
                          n_group, topk_group, norm_topk_prob, routed_scaling_factor, shared_gate_up, shared_down,
-                         shared_gate);
+                         shared_gate, router_logits);
   };
   if (T == 0) return at::empty({0, H}, hidden.options());
   const int64_t I = gate_up.size(1) / 2;
   const int64_t S = shared_gate_up.has_value() ? shared_gate_up->size(0) : 0;
   const int64_t Is = S > 0 ? shared_gate_up->size(1) / 2 : 0;
+  const DeviceInfo& info = device_info(hidden.get_device());
+  const at::Tensor bias = correction_bias.has_value() ? correction_bias->contiguous() : at::Tensor();
+  const MoePath path = forced_moe_path();
+
+  // sm_90: the stream kernel (routing in every CTA, then the experts op's stream phases), or
+  // the composition where it cannot run.
+  if (path == MoePath::kStream || (path == MoePath::kAuto && info.major >= 9)) {
+    if (!stream_moe_fits(hidden, gate_up, down, T, top_k, E, n_group, scoring, info)) return composite();
+    const at::Tensor logits = moe_logits(hidden, router_weight, router_logits);
+    if (validation_enabled()) {
+      ALLOCMOE_CHECK(at::isfinite(logits).all().item<bool>(), "allocmoe.moe: router logits contain NaN or Inf");
+      if (bias.defined())
+        ALLOCMOE_CHECK(at::isfinite(bias).all().item<bool>(), "allocmoe.moe: correction_bias contains NaN or Inf");
+    }
+    RouteArgs r = make_route_args(logits, top_k, budget, k_base, scoring, bias, n_group, topk_group, norm_topk_prob,
+                                  routed_scaling_factor);
+    at::Tensor out = at::empty({T, H}, hidden.options());
+    at::Tensor x = hidden.contiguous();
+    if (!aligned16(x)) x = x.clone();  // the kernel reads x with 16-byte loads
+    run_stream_moe(x, logits, gate_up, down, r, out, info, c10::cuda::getCurrentCUDAStream());
+    return moe_add_shared(hidden, out, shared_gate_up, shared_down, shared_gate);
+  }
+  // The one-launch kernel computes the router GEMV itself.
+  if (path == MoePath::kComposite || path == MoePath::kAuto && info.major >= 9 || !router_weight.has_value())
+    return composite();
   const int64_t V = 16 / hidden.element_size();
   bool fusable = T <= kMaxFusedTokens && E <= kMaxExpertsCuda && S <= kMaxShared && H % V == 0 && I % V == 0 &&
-                 Is % V == 0 && hidden.is_contiguous() && router_weight.is_contiguous() && gate_up.is_contiguous() &&
-                 down.is_contiguous() && aligned16(hidden) && aligned16(router_weight) && aligned16(gate_up) &&
+                 Is % V == 0 && hidden.is_contiguous() && router_weight->is_contiguous() && gate_up.is_contiguous() &&
+                 down.is_contiguous() && aligned16(hidden) && aligned16(*router_weight) && aligned16(gate_up) &&
                  aligned16(down) && hidden.scalar_type() != at::kDouble;
   if (S > 0) {
     fusable = fusable && shared_gate_up->is_contiguous() && shared_down->is_contiguous() &&
               aligned16(*shared_gate_up) && aligned16(*shared_down);
   }
   if (shared_gate.has_value()) fusable = fusable && shared_gate->is_contiguous() && aligned16(*shared_gate);
-  const DeviceInfo& info = device_info(hidden.get_device());
-  const MoePath path = forced_moe_path();
-  if (path == MoePath::kComposite || (path == MoePath::kAuto && info.major >= 9)) return composite();
   fusable = fusable && info.coop != 0;
   const int nblocks = std::min(info.sms, kMaxBlocks);
   const int64_t units_max = S * (Is / V) + std::min<int64_t>(E, T * top_k) * (I / V);
@@ -565,10 +666,9 @@ at::Tensor moe_cuda(const at::Tensor& hidden, const at::Tensor& router_weight, c
   fusable = fusable && layout.total + 2048 <= static_cast<size_t>(info.smem_optin);  // + static smem
   if (!fusable) return composite();
 
-  const at::Tensor bias = correction_bias.has_value() ? correction_bias->contiguous() : at::Tensor();
   if (validation_enabled()) {
     ALLOCMOE_CHECK(at::isfinite(hidden).all().item<bool>(), "allocmoe.moe: hidden contains NaN or Inf");
-    ALLOCMOE_CHECK(at::isfinite(router_weight).all().item<bool>(), "allocmoe.moe: router_weight contains NaN or Inf");
+    ALLOCMOE_CHECK(at::isfinite(*router_weight).all().item<bool>(), "allocmoe.moe: router_weight contains NaN or Inf");
     if (bias.defined())
       ALLOCMOE_CHECK(at::isfinite(bias).all().item<bool>(), "allocmoe.moe: correction_bias contains NaN or Inf");
   }
@@ -576,7 +676,7 @@ at::Tensor moe_cuda(const at::Tensor& hidden, const at::Tensor& router_weight, c
   at::Tensor ws = at::empty({T * (E + 1) + static_cast<int64_t>(nblocks) * T * H}, hidden.options().dtype(at::kFloat));
   MoeArgs m{};
   m.hidden = hidden.data_ptr();
-  m.router_w = router_weight.data_ptr();
+  m.router_w = router_weight->data_ptr();
   m.shared_gate = shared_gate.has_value() ? shared_gate->data_ptr() : nullptr;
   m.gate_up = gate_up.data_ptr();
   m.down = down.data_ptr();

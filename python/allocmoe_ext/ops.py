@@ -209,15 +209,16 @@ def _experts_fake(
 
 
 # =================================================================================================
-# moe: one MoE layer (router GEMV, route with Alloc-T, routed experts, shared experts).
-# Owned by the CUDA engineer (cuda-route). CPU kernel: csrc/cpu/moe.cpp (composition of route and
-# experts); CUDA: csrc/cuda/moe_decode.cu (one fused launch for T <= 16, the composition above).
+# moe: one MoE layer (router GEMV or given logits, route with Alloc-T, routed experts, shared
+# experts). CPU kernel: csrc/cpu/moe.cpp (composition of route and experts); CUDA:
+# csrc/cuda/moe_decode.cu (one launch for T <= 16: moe_stream.cuh on sm_90, the older one-launch
+# kernel below; the composition otherwise).
 # =================================================================================================
 
 
 def moe(
     hidden: torch.Tensor,
-    router_weight: torch.Tensor,
+    router_weight: torch.Tensor | None,
     gate_up: torch.Tensor,
     down: torch.Tensor,
     top_k: int,
@@ -232,10 +233,12 @@ def moe(
     shared_gate_up: torch.Tensor | None = None,
     shared_down: torch.Tensor | None = None,
     shared_gate: torch.Tensor | None = None,
+    router_logits: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One MoE layer: ``[T, H]`` in hidden's dtype.
 
-    ``logits = fp32(hidden) @ fp32(router_weight).T`` is routed as :func:`route` does, the kept
+    ``logits = fp32(hidden) @ fp32(router_weight).T`` (or ``router_logits [T, E]`` when the caller
+    has them; give exactly one of the two) is routed as :func:`route` does, the kept
     slots go through :func:`experts` (SiLU gate/up), and the optional shared experts
     ``shared_gate_up [S, 2I_s, H]`` / ``shared_down [S, H, I_s]`` are added as always-on experts
     with weight 1, or ``sigmoid(hidden . shared_gate)`` per token (Qwen2-MoE) when ``shared_gate [H]``
@@ -258,6 +261,7 @@ def moe(
         shared_gate_up=shared_gate_up,
         shared_down=shared_down,
         shared_gate=shared_gate,
+        router_logits=router_logits,
     )
 
 
@@ -282,24 +286,39 @@ def _moe_fake(
     shared_gate_up=None,
     shared_down=None,
     shared_gate=None,
+    router_logits=None,
 ):
     _check(hidden.dim() == 2, f"allocmoe.moe: hidden must be 2-D [T, H], got {hidden.dim()}-D")
     T, H = hidden.shape
-    _check(
-        router_weight.dim() == 2 and router_weight.shape[1] == H,
-        f"allocmoe.moe: router_weight must have shape [E, H={H}], got {tuple(router_weight.shape)}",
-    )
-    _check(
-        router_weight.dtype == hidden.dtype,
-        f"allocmoe.moe: router_weight dtype {router_weight.dtype} differs from hidden dtype {hidden.dtype}",
-    )
+    _check((router_weight is None) != (router_logits is None),
+           "allocmoe.moe: give exactly one of router_weight and router_logits")
+    if router_weight is not None:
+        _check(
+            router_weight.dim() == 2 and router_weight.shape[1] == H,
+            f"allocmoe.moe: router_weight must have shape [E, H={H}], got {tuple(router_weight.shape)}",
+        )
+        _check(
+            router_weight.dtype == hidden.dtype,
+            f"allocmoe.moe: router_weight dtype {router_weight.dtype} differs from hidden dtype {hidden.dtype}",
+        )
+        E = router_weight.shape[0]
+    else:
+        _check(
+            router_logits.dim() == 2 and router_logits.shape[0] == T,
+            f"allocmoe.moe: router_logits must have shape [T={T}, E], got {tuple(router_logits.shape)}",
+        )
+        _check(
+            router_logits.dtype in _FLOAT_DTYPES,
+            f"allocmoe.moe: router_logits must be float32, bfloat16 or float16, got {router_logits.dtype}",
+        )
+        E = router_logits.shape[1]
     _check(
         (shared_gate_up is None) == (shared_down is None),
         "allocmoe.moe: shared_gate_up and shared_down must be given together",
     )
     _check(shared_gate is None or shared_gate_up is not None, "allocmoe.moe: shared_gate needs shared_gate_up and shared_down")
     # Routing and expert arguments: the same checks as the route and experts fakes.
-    logits = hidden.new_empty((T, router_weight.shape[0]), dtype=torch.float32)
+    logits = hidden.new_empty((T, E), dtype=torch.float32)
     w, ids = _route_fake(logits, top_k, budget, k_base, scoring, correction_bias, n_group, topk_group)
     _experts_fake(hidden, gate_up, down, w, ids)
     return hidden.new_empty((T, H))
