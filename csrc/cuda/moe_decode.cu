@@ -17,12 +17,12 @@
 // which is what a memory-bound decode step needs. Anything else (more tokens, strided or
 // unaligned weights, very large H) goes through the composition of route + experts.
 //
-// Which one runs (ALLOCMOE_MOE_PATH=auto|fused|composite forces it): on sm_90 and newer the
-// composition (router matmul + route + the experts op's stream path, experts_stream.cuh) is
-// faster at every T (H100, DeepSeek-V2-Lite layer, T=1: 46.6 us route + experts against 67.0
-// for this kernel; T=16: 339 against 1542; bench/results/layer_*_2026-11-23_020911.md, whose
-// "fused" column is this kernel), so auto takes it there; this kernel is auto's choice for
-// T <= 16 on older GPUs.
+// Which one runs (ALLOCMOE_MOE_PATH=auto|stream|fused|composite forces it): on sm_90 and newer
+// the stream kernel of moe_stream.cuh (routing in every CTA, then the experts op's stream phases,
+// one cooperative launch; router logits in, or computed from router_weight by one matmul first)
+// where it applies, else the composition; this file's kernel (router GEMV inside, router_weight
+// only) is auto's choice for T <= 16 on older GPUs. On H100 this kernel lost to the composition
+// at every T (T=1: 67.0 vs 46.6 us, T=16: 1542 vs 339; bench/results/layer_*_2026-11-23_020911.md).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
