@@ -35,11 +35,6 @@ __host__ __device__ inline StreamSmem stream_moe_smem(int T, int K, int H, int I
   return StreamSmem(x_bytes > act_bytes ? x_bytes : act_bytes);
 }
 
-// Words of routing scratch (placed in the ring) for T tokens.
-__host__ __device__ inline int stream_moe_route_words(const cuda::RouteArgs& r) {
-  return cuda::route_block_scratch_words(r.T, r.E, r.K, r.n_group, kStreamThreads / 32);
-}
-
 __device__ unsigned long long g_stream_moe_arrivals;
 
 // All consumer threads of the grid; act written before it is visible after it (release by the
@@ -72,11 +67,6 @@ __global__ void __launch_bounds__(kStreamThreads, 1) stream_moe_kernel(StreamMoe
   const StreamSmem lay = stream_moe_smem(p.T, p.K, p.H, p.I);
   const StreamShared sh = stream_shared(smem, lay, p.stages);
   STREAM_TRACE(0);
-#if !defined(ALLOCMOE_NO_BARRIER_PREFETCH) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // The barrier counter into L2 now, while HBM is idle: a miss later waits behind every weight
-  // copy in flight (measured on H100 after an L2 flush with ordinary loads: +5 us at T=1).
-  if (threadIdx.x == 0) asm volatile("prefetch.global.L2::evict_last [%0];\n" ::"l"(&g_stream_moe_arrivals));
-#endif
   int* ids = reinterpret_cast<int*>(smem + StreamSmem::kRouteAt);
   float* weights = reinterpret_cast<float*>(ids + kStreamMaxSlots);
   cuda::route_block(m.logits, m.route, reinterpret_cast<uint32_t*>(sh.ring_ptr), ids, weights);
