@@ -544,6 +544,7 @@ def run_row(ctx, timer, args, ceil):
     expert_bytes = 3 * H * I * 2
     shared_bytes = (3 * H * shape.shared_inter + (H if shape.shared_gate else 0)) * 2 if ctx.shared else 0
     bw_floor = (inp.touched * expert_bytes + shared_bytes) / ceil["copy_bw_Bps"] * 1e6
+    bw_floor_read = (inp.touched * expert_bytes + shared_bytes) / ceil["read_bw_Bps"] * 1e6
     flops = 6 * T * inp.k_realised * H * I + (6 * T * H * shape.shared_inter if ctx.shared else 0)
     mm_floor = flops / ceil["matmul_flops"] * 1e6
     floor = max(bw_floor, mm_floor)
@@ -554,7 +555,8 @@ def run_row(ctx, timer, args, ceil):
         "budget_label": ctx.budget_label, "budget": ctx.budget, "k_realised": inp.k_realised,
         "topk_baseline_k": max(1, math.floor(ctx.budget + 0.5)),
         "experts_touched": inp.touched, "bytes_floor": inp.touched * expert_bytes + shared_bytes,
-        "bw_floor_us": bw_floor, "mm_floor_us": mm_floor, "floor_us": floor, "route_ok": refs.route_ok,
+        "bw_floor_us": bw_floor, "bw_floor_read_us": bw_floor_read, "mm_floor_us": mm_floor, "floor_us": floor,
+        "route_ok": refs.route_ok,
         "paths": {},
     }
     for name, spec in build_paths(ctx, args.only).items():
@@ -629,11 +631,15 @@ def bars_summary(rows):
         return r["ours_us"] / r["bw_floor_us"] if r and "ours_us" in r else None
 
     for label, key, bar in (("T=1 full", (1, "full"), 1.15), ("T=1 50%", (1, "50%"), 1.25)):
-        v = x_floor(by.get(key))
-        out.append(f"  {label}: ours/bw_floor = {fmt(v, '.2f', 5)} (bar <= {bar})")
+        r = by.get(key)
+        v = x_floor(r)
+        vr = r["ours_us"] / r["bw_floor_read_us"] if r and "ours_us" in r else None
+        out.append(f"  {label}: ours/bw_floor = {fmt(v, '.2f', 5)} (bar <= {bar}); "
+                   f"ours/read floor = {fmt(vr, '.2f', 5)}")
     mid = [by.get((t, "full")) for t in (4, 16, 64, 256)]
     mid = [r["ours_us"] / r["floor_us"] for r in mid if r and "ours_us" in r]
-    out.append(f"  T=4..256 full: worst ours/floor = {fmt(max(mid) if mid else None, '.2f', 5)} (bar <= 1.10)")
+    out.append(f"  T=4..256 full: worst ours/floor = {fmt(max(mid) if mid else None, '.2f', 5)} (bar <= 1.10); "
+               f"by T: {', '.join(f'{v:.3f}' for v in mid)}")
     full, half = by.get((1, "full")), by.get((1, "50%"))
     if full and half and "ours_us" in full and "ours_us" in half:
         out.append(f"  T=1 speedup full -> 50%: {full['ours_us'] / half['ours_us']:.2f}x (bar >= 1.8)")
@@ -644,7 +650,7 @@ def bars_summary(rows):
 
 
 def ceilings_line(ceil):
-    return (f"copy {ceil['copy_bw_Bps'] / 1e9:.0f} GB/s (read+write), "
+    return (f"copy {ceil['copy_bw_Bps'] / 1e9:.0f} GB/s (read+write), read {ceil['read_bw_Bps'] / 1e9:.0f} GB/s, "
             f"bf16 matmul {ceil['matmul_flops'] / 1e12:.1f} TFLOP/s (n={ceil['matmul_n']})")
 
 

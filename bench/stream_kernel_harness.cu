@@ -7,6 +7,8 @@
 //   - a per-CTA %globaltimer trace of both launches (entry, lists built, end, ...) at T=1 and 4;
 //   - CUDA-graph timings of gate_up, down and both (PDL), DeepSeek-V2-Lite shape, 8 layers of
 //     weights rotated so nothing is served from L2.
+// With the argument "mid" it runs only the mid-T part instead: the stream kernels at T = 17..64
+// (x staged per expert) checked and timed against the skinny kernels, and a trace at T=64.
 // Build on a machine with nvcc (no GPU needed) from the repository root, then run the binary on
 // the GPU (-DALLOCMOE_STREAM_CHUNK=768 etc. tries another stage width):
 //   nvcc -std=c++20 -O3 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
@@ -23,6 +25,7 @@
 #include "experts_stream.cuh"
 #include "experts_decode.cuh"
 #include "moe_stream.cuh"
+#include "experts_skinny.cuh"
 using namespace allocmoe::cuda_experts;
 using bf = __nv_bfloat16;
 #define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s at %d: %s\n", #x, __LINE__, cudaGetErrorString(e)); exit(1);} } while (0)
@@ -79,8 +82,8 @@ __global__ void ldg_read_kernel(const uint4* src, size_t n, int* sink) {
 // The route op's block routine alone (one CTA), for the unfused reference: route -> gate_up -> down.
 __global__ void __launch_bounds__(kStreamThreads) route_only_kernel(const float* logits, allocmoe::cuda::RouteArgs a, int* ids, float* w) {
   extern __shared__ __align__(16) uint32_t scratch[];
-  __shared__ int sids[kStreamMaxSlots];
-  __shared__ float sw[kStreamMaxSlots];
+  __shared__ int sids[kStreamMoeMaxSlots];
+  __shared__ float sw[kStreamMoeMaxSlots];
   allocmoe::cuda::route_block(logits, a, scratch, sids, sw);
   for (int i = threadIdx.x; i < a.T * a.K; i += blockDim.x) { ids[i] = sids[i]; w[i] = sw[i]; }
 }
@@ -112,7 +115,7 @@ int main(int argc, char** argv) {
     CK(cudaMalloc(&gu[l], gu_n * 2)); CK(cudaMalloc(&dn[l], dn_n * 2));
     fill<<<1024, 256>>>(gu[l], gu_n, 17 * l + 1); fill<<<1024, 256>>>(dn[l], dn_n, 31 * l + 7);
   }
-  const int TMAX = 16, KMAX = 8;
+  const int TMAX = 64, KMAX = 8;
   bf* x; float* w; int* ids; void* act; float* y; bf* out; int* cnt; int* sink;
   CK(cudaMalloc(&x, TMAX * H * 2)); fill<<<64, 256>>>(x, TMAX * H, 99);
   CK(cudaMalloc(&w, TMAX * KMAX * 4)); CK(cudaMalloc(&ids, L * TMAX * KMAX * 4));
@@ -194,6 +197,85 @@ int main(int argc, char** argv) {
     const double part = which == 3 ? 1.0 : which == 1 ? 2.0 / 3 : 1.0 / 3;
     printf("T=%2d K=%d %-8s cap=%2d touched=%.1f: %.1f us  %.0f GB/s\n", T, K, which == 3 ? "both" : which == 1 ? "gate_up" : "down", stages_cap, (double)touched / L, us, bytes * part / us / 1e3);
   };
+  // ---- mid T (17..64): the stream kernels with x staged per (expert, pass), against skinny ----
+  if (argc > 1 && strcmp(argv[1], "mid") == 0) {
+    for (auto* f : {(const void*)skinny_gate_up_kernel<bf>, (const void*)skinny_down_kernel<bf>})
+      CK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+    auto stream_pair = [&](int T, int K, int l, const int* id, bf* o) {
+      StreamParams p{x, gu[l], dn[l], w, id, act, o, T, K, E, H, I, 0, y};
+      cudaLaunchAttribute attr[1]; attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization; attr[0].val.programmaticStreamSerializationAllowed = 1;
+      cudaLaunchConfig_t cfg = {}; cfg.gridDim = dim3(sms); cfg.blockDim = dim3(kStreamThreads); cfg.stream = st; cfg.attrs = attr; cfg.numAttrs = 1;
+      const StreamSmem lg(stream_x_rows(T), H), ld(stream_act_rows(T, K), I);
+      p.stages = std::min(kStreamMaxStages, (optin - lg.ring_at) / kStreamStageBytes); cfg.dynamicSmemBytes = lg.total(p.stages);
+      if (T <= 8) CK(cudaLaunchKernelEx(&cfg, stream_gate_up_kernel<bf, 1>, p)); else CK(cudaLaunchKernelEx(&cfg, stream_gate_up_kernel<bf, 2>, p));
+      p.stages = std::min(kStreamMaxStages, (optin - ld.ring_at) / kStreamStageBytes); cfg.dynamicSmemBytes = ld.total(p.stages);
+      if (T <= 8) CK(cudaLaunchKernelEx(&cfg, stream_down_kernel<bf, 1>, p)); else CK(cudaLaunchKernelEx(&cfg, stream_down_kernel<bf, 2>, p));
+      if (!stream_x_resident(T)) {
+        cfg.gridDim = dim3(T); cfg.blockDim = dim3(256); cfg.dynamicSmemBytes = 0;
+        CK(cudaLaunchKernelEx(&cfg, combine_slots_kernel<bf>, CombineParams{y, id, o, T, K, E, H}));
+      }
+    };
+    auto skinny = [&](int T, int K, int l, const int* id, bf* o) {
+      SkinnyParams p{x, gu[l], dn[l], w, id, act, y, T, K, E, H, I};
+      const int smem = SkinnySmem(T * K).total_bytes;
+      skinny_gate_up_kernel<bf><<<dim3(I / kSkinnyGateUpCols, E), kSkinnyThreads, smem, st>>>(p);
+      cudaLaunchAttribute attr[1]; attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization; attr[0].val.programmaticStreamSerializationAllowed = 1;
+      cudaLaunchConfig_t cfg = {}; cfg.gridDim = dim3(H / kSkinnyDownRows, E); cfg.blockDim = dim3(kSkinnyThreads); cfg.stream = st; cfg.attrs = attr; cfg.numAttrs = 1;
+      cfg.dynamicSmemBytes = smem;
+      CK(cudaLaunchKernelEx(&cfg, skinny_down_kernel<bf>, p));
+      cfg.gridDim = dim3(T); cfg.blockDim = dim3(256); cfg.dynamicSmemBytes = 0;
+      CK(cudaLaunchKernelEx(&cfg, combine_slots_kernel<bf>, CombineParams{y, id, o, T, K, E, H}));
+    };
+    auto make_ids = [&](int T, int K, bool skew, int* dst, int sets) {
+      std::vector<int> h((size_t)sets * T * K);
+      for (int l = 0; l < sets; ++l) for (int t = 0; t < T; ++t) {
+        std::vector<int> perm(E); for (int e = 0; e < E; ++e) perm[e] = e; std::shuffle(perm.begin(), perm.end(), rng);
+        for (int k = 0; k < K; ++k) h[((size_t)l * T + t) * K + k] = skew ? k : (t % 11 == 3 && k >= K / 2) ? -1 : perm[k];
+      }
+      CK(cudaMemcpy(dst, h.data(), h.size() * 4, cudaMemcpyHostToDevice));
+    };
+    std::vector<float> hw2(TMAX * KMAX); for (auto& v : hw2) v = std::uniform_real_distribution<float>(0.1f, 1.f)(rng);
+    CK(cudaMemcpy(w, hw2.data(), hw2.size() * 4, cudaMemcpyHostToDevice));
+    int cases[][3] = {{1, 6, 0}, {16, 6, 0}, {17, 6, 0}, {32, 6, 0}, {48, 6, 0}, {64, 6, 0}, {64, 8, 0}, {40, 4, 1}, {64, 8, 1}};
+    for (auto& cs : cases) {
+      const int T = cs[0], K = cs[1]; const bool skew = cs[2];
+      make_ids(T, K, skew, ids, 1);
+      bf *o1, *o2, *o3; CK(cudaMalloc(&o1, T * H * 2)); CK(cudaMalloc(&o2, T * H * 2)); CK(cudaMalloc(&o3, T * H * 2));
+      CK(cudaMemset(o1, 0xff, T * H * 2)); CK(cudaMemset(o2, 0xff, T * H * 2)); CK(cudaMemset(o3, 0xff, T * H * 2));
+      skinny(T, K, 0, ids, o1); stream_pair(T, K, 0, ids, o2); stream_pair(T, K, 0, ids, o3);
+      CK(cudaStreamSynchronize(st)); CK(cudaGetLastError());
+      std::vector<bf> a(T * H), b(T * H), b2(T * H);
+      CK(cudaMemcpy(a.data(), o1, T * H * 2, cudaMemcpyDeviceToHost)); CK(cudaMemcpy(b.data(), o2, T * H * 2, cudaMemcpyDeviceToHost));
+      CK(cudaMemcpy(b2.data(), o3, T * H * 2, cudaMemcpyDeviceToHost));
+      double num = 0, den = 0; int nan = 0, nondet = memcmp(b.data(), b2.data(), T * H * 2) != 0;
+      for (int i = 0; i < T * H; ++i) { double u = __bfloat162float(a[i]), v = __bfloat162float(b[i]); if (v != v) ++nan; num += (u - v) * (u - v); den += u * u; }
+      printf("mid check T=%d K=%d skew=%d: rel diff stream vs skinny %.3g, NaN %d, run-to-run differs %d\n", T, K, (int)skew, sqrt(num / (den + 1e-30)), nan, nondet);
+      CK(cudaFree(o1)); CK(cudaFree(o2)); CK(cudaFree(o3));
+    }
+    for (int T : {16, 24, 32, 48, 64}) for (int K : {6}) {
+      make_ids(T, K, false, ids, L);
+      float us_s = time_graph([&](int i) { stream_pair(T, K, i % L, ids + (i % L) * T * K, out); }, 40);
+      float us_k = time_graph([&](int i) { skinny(T, K, i % L, ids + (i % L) * T * K, out); }, 40);
+      printf("mid time T=%2d K=%d: stream %.1f us, skinny %.1f us\n", T, K, us_s, us_k);
+    }
+    // trace of the stream pair at T=64 K=6
+    make_ids(64, 6, false, ids, L);
+    for (int it = 0; it < 10; ++it) { CK(cudaMemsetAsync(tr, 0, 8 * 1024 * 8, st)); stream_pair(64, 6, it % L, ids + (it % L) * 384, out); }
+    CK(cudaStreamSynchronize(st));
+    std::vector<unsigned long long> ht(8 * 1024); CK(cudaMemcpy(ht.data(), tr, ht.size() * 8, cudaMemcpyDeviceToHost));
+    unsigned long long t0 = ~0ull; for (int b = 0; b < sms; ++b) if (ht[b]) t0 = std::min(t0, ht[b]);
+    printf("mid trace T=64 K=6 (us from first gate_up entry): event min / median / max / n\n");
+    const char* names[8] = {"gu entry", "gu lists", "gu x staged", "gu end", "dn entry", "dn lists", "dn waited", "dn end"};
+    for (int ev = 0; ev < 8; ++ev) {
+      std::vector<double> v; for (int b = 0; b < sms; ++b) if (ht[ev * 1024 + b]) v.push_back((ht[ev * 1024 + b] - t0) / 1000.0);
+      std::sort(v.begin(), v.end());
+      if (v.empty()) { printf("  %-12s -\n", names[ev]); continue; }
+      printf("  %-12s %7.2f %7.2f %7.2f  %zu\n", names[ev], v.front(), v[v.size() / 2], v.back(), v.size());
+    }
+    CK(cudaDeviceSynchronize());
+    printf("done\n");
+    return 0;
+  }
   // correctness: stream vs decode kernels on layer 0
   auto check = [&](int T, int K) {
     std::vector<int> h(T * K);

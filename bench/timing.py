@@ -98,14 +98,19 @@ def capture_graph(fn):
 
 
 def measure_ceilings(timer: Timer, quick: bool) -> dict:
-    """Device-to-device copy bandwidth (bytes read + written) and bf16 matmul rate."""
+    """Device-to-device copy bandwidth (bytes read + written), read bandwidth (a sum over the same
+    buffer: what a weight stream can reach; copy and read differ by up to 25% between machines
+    of one kind), and bf16 matmul rate."""
     dev = timer.device
     copy_elems = (2**24 if quick else 2**29)  # bf16: 32 MiB quick, 1 GiB full
     src = torch.randn(copy_elems, device=dev, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
     t_copy = timer.median_us([lambda: dst.copy_(src)])["median_us"]
     copy_bytes = 2 * src.numel() * src.element_size()
-    del src, dst
+    acc = torch.empty((), device=dev, dtype=torch.float32)
+    t_read = timer.median_us([lambda: torch.sum(src, dim=0, dtype=torch.float32, out=acc)])["median_us"]
+    read_bytes = src.numel() * src.element_size()
+    del src, dst, acc
 
     n = 512 if quick else 8192
     a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
@@ -117,6 +122,9 @@ def measure_ceilings(timer: Timer, quick: bool) -> dict:
         "copy_bytes": copy_bytes,
         "copy_us": t_copy,
         "copy_bw_Bps": copy_bytes / (t_copy * 1e-6),
+        "read_bytes": read_bytes,
+        "read_us": t_read,
+        "read_bw_Bps": read_bytes / (t_read * 1e-6),
         "matmul_n": n,
         "matmul_us": t_mm,
         "matmul_flops": 2 * n**3 / (t_mm * 1e-6),

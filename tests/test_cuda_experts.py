@@ -171,6 +171,12 @@ def test_long_reductions(T, E, K, H, I, path, monkeypatch):
         (16, 64, 6, 2048, 1408, False),  # two n tiles, x of 16 tokens in shared memory
         (16, 8, 8, 256, 96, True),  # 16 pairs on each of 8 experts
         (16, 128, 2, 4096, 64, False),  # x at its largest (16 x 4096): a shallower ring
+        # past 16 tokens: x and act staged per (expert, pass), expert-major down into y + combine
+        (17, 64, 6, 2048, 1408, False),
+        (33, 60, 4, 1024, 704, False),
+        (64, 64, 6, 2048, 1408, False),  # DeepSeek-V2-Lite at T=64
+        (64, 8, 8, 256, 96, True),  # 64 pairs on each of 8 experts: 4 passes, x restaged for each
+        (64, 512, 8, 256, 64, False),  # T*K = 512 and E = 512, the stream path's limits
     ],
 )
 def test_stream_decode_shapes(T, E, K, H, I, skew, monkeypatch):
@@ -180,17 +186,29 @@ def test_stream_decode_shapes(T, E, K, H, I, skew, monkeypatch):
     check(inputs, torch.bfloat16, "stream", monkeypatch)
 
 
-def test_auto_takes_stream_kernels_on_sm90(monkeypatch):
-    """On sm_90 auto mode at T <= 16 runs the stream kernels (not a silent fallback)."""
+@pytest.mark.parametrize("T", [4, 64])
+def test_auto_takes_stream_kernels_on_sm90(T, monkeypatch):
+    """On sm_90 auto mode at T <= 64 runs the stream kernels (not a silent fallback); past 16
+    tokens with the combine launch after them."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the stream path needs sm_90")
-    inputs = make_inputs(4, 64, 6, 2048, 1408, torch.bfloat16, seed=4)
+    inputs = make_inputs(T, 64, 6, 2048, 1408, torch.bfloat16, seed=T)
     ref = run_cpu(inputs)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         out = run_cuda(inputs, path="auto", monkeypatch=monkeypatch)
     names = " ".join(e.name for e in prof.events())
     assert "stream_gate_up_kernel" in names and "stream_down_kernel" in names, names[:2000]
+    assert ("combine_slots_kernel" in names) == (T > 16), names[:2000]
     assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("T,E,K", [(65, 8, 2), (64, 513, 8), (3, 513, 2)])
+def test_stream_path_limits(T, E, K, monkeypatch):
+    """At and past the stream path's limits (T > 64; E > 512 with T*K > 288, the counting list
+    builder's; E = 513 at T*K = 6 stays on the stream path) a forced stream path computes the
+    right result (past them on the decode kernels)."""
+    inputs = make_inputs(T, E, K, 256, 64, torch.bfloat16, seed=T + E)
+    check(inputs, torch.bfloat16, "stream", monkeypatch)
 
 
 def test_stream_repeated_ids_take_several_passes(monkeypatch):

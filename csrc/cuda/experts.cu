@@ -1,10 +1,14 @@
 // CUDA implementation of torch.ops.allocmoe.experts (contract: docs/OPS.md).
 //
 // Five paths, chosen on the host from shapes only (never from the routing data, so no sync):
-//   - stream (experts_stream.cuh): T <= kStreamMaxTokens on the standard case (bf16/fp16, silu,
-//     no biases, contiguous weights, H and I multiples of 32) on sm_90: two persistent launches
-//     that feed the selected experts' weights through bulk copies into a deep shared-memory
-//     ring; memory-bound, aims at the bandwidth floor.
+//   - stream (experts_stream.cuh): T <= kStreamMaxTokens (64) on the standard case (bf16/fp16,
+//     silu, no biases, contiguous weights, H and I multiples of 32; E <= 512 past T*K = 288) on
+//     sm_90: two persistent launches (three past 16 tokens) that feed the selected experts'
+//     weights through bulk copies into a deep shared-memory ring; memory-bound, aims at the
+//     bandwidth floor. Measured on H100 at the DeepSeek-V2-Lite shape against skinny (same run,
+//     bench/stream_kernel_harness.cu mid): T=16 301 vs 320 us, T=32 362 vs 373, T=64 388 vs 402;
+//     on another machine T=48 398 vs 394 (noise there), T=64 392 vs 402. Auto takes it where it
+//     fits.
 //   - decode (experts_decode.cuh): the same cases before sm_90 (or when x does not fit in
 //     shared memory); streams each used expert's weights once with 16-byte loads.
 //   - skinny (experts_skinny.cuh): mid T (a few dozen tokens per expert on average) on the
@@ -250,8 +254,8 @@ void run_decode(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor
 
 using cuda::DeviceInfo;
 
-// Shared memory of the two stream launches: x of the T tokens, or two buffers of act rows.
-StreamSmem stream_gate_up_smem(int T, int H) { return StreamSmem(T, H); }
+// Shared memory of the two stream launches: x rows (all T, or one pass's), or act rows.
+StreamSmem stream_gate_up_smem(int T, int H) { return StreamSmem(stream_x_rows(T), H); }
 StreamSmem stream_down_smem(int T, int K, int I) { return StreamSmem(stream_act_rows(T, K), I); }
 
 // Ring depth of a stream launch: as many stages as the shared memory holds, up to the maximum.
@@ -260,8 +264,9 @@ int stream_stages(const StreamSmem& lay, const DeviceInfo& d) {
   return std::min(kStreamMaxStages, room < 0 ? 0 : room / kStreamStageBytes);
 }
 
-bool stream_fits(int64_t T, int64_t K, int64_t H, int64_t I, const DeviceInfo& d) {
+bool stream_fits(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const DeviceInfo& d) {
   if (d.major < 9 || T > kStreamMaxTokens || T * K > kStreamMaxSlots || H > 65536 || I > 65536) return false;
+  if (T * K > kStreamThreads && E > kStreamMaxExperts) return false;  // the counting list builder's limit
   const int t = static_cast<int>(T);
   return stream_stages(stream_gate_up_smem(t, static_cast<int>(H)), d) >= kStreamMinStages &&
          stream_stages(stream_down_smem(t, static_cast<int>(K), static_cast<int>(I)), d) >= kStreamMinStages;
@@ -290,15 +295,29 @@ void launch_stream(StreamParams p, const DeviceInfo& d, cudaStream_t stream) {
   p.stages = stream_stages(down_smem, d);
   cfg.dynamicSmemBytes = down_smem.total(p.stages);
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, stream_down_kernel<Elem, NT>, p));
+  if (p.y != nullptr) {  // the expert-major down phase wrote y: sum each token's slots
+    cfg.gridDim = dim3(p.T);
+    cfg.blockDim = dim3(256);
+    cfg.dynamicSmemBytes = 0;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, combine_slots_kernel<Elem>,
+                                      CombineParams{p.y, p.ids, p.out, p.T, p.K, p.E, p.H}));
+  }
 }
 
 template <typename Elem>
 void run_stream(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, const at::Tensor& weights,
                 const at::Tensor& ids, at::Tensor& out, cudaStream_t stream) {
   const int T = x.size(0), H = x.size(1), E = gate_up.size(0), I = gate_up.size(1) / 2, K = ids.size(1);
-  at::Tensor act = at::empty({(int64_t)T * K, I}, x.options());
+  // One scratch allocation: act, then (expert-major down phase, T > kStreamXRows) y.
+  const bool by_expert = !stream_x_resident(T);
+  Scratch s;
+  const int64_t act_at = s.take((int64_t)T * K * I * x.element_size());
+  const int64_t y_at = by_expert ? s.take((int64_t)T * K * H * 4) : 0;
+  at::Tensor scratch = at::empty({s.bytes}, x.options().dtype(at::kByte));
+  char* base = static_cast<char*>(scratch.data_ptr());
   const StreamParams p{x.data_ptr(), gate_up.data_ptr(), down.data_ptr(), weights.data_ptr<float>(),
-                       ids.data_ptr<int>(), act.data_ptr(), out.data_ptr(), T, K, E, H, I, 0};
+                       ids.data_ptr<int>(), base + act_at, out.data_ptr(), T, K, E, H, I, 0,
+                       by_expert ? reinterpret_cast<float*>(base + y_at) : nullptr};
   const DeviceInfo& d = cuda::device_info(x.get_device());
   if (stream_pairs_per_pass(T) == 8) launch_stream<Elem, 1>(p, d, stream);
   else launch_stream<Elem, 2>(p, d, stream);
@@ -472,7 +491,7 @@ at::Tensor experts_cuda(const at::Tensor& hidden, const at::Tensor& gate_up, con
   Path path = Path::kGeneric;
   if (fast && forced != Path::kGeneric) {
     const bool decode_fits = T * K <= kDecodeMaxSlots, skinny_fits = T * K <= kSkinnyMaxSlots;
-    const bool stream_ok = stream_fits(T, K, H, gate_up.size(1) / 2, cuda::device_info(x.get_device()));
+    const bool stream_ok = stream_fits(T, K, E, H, gate_up.size(1) / 2, cuda::device_info(x.get_device()));
     if (forced == Path::kStream) path = stream_ok ? Path::kStream : decode_fits ? Path::kDecode : Path::kPrefill;
     else if (forced == Path::kDecode) path = decode_fits ? Path::kDecode : Path::kPrefill;
     else if (forced == Path::kSkinny) path = skinny_fits ? Path::kSkinny : Path::kPrefill;

@@ -1,5 +1,6 @@
 // Small-T ("stream") path of the CUDA `experts` op on sm_90: bf16/fp16, silu, no biases,
-// contiguous gate_up [E, 2I, H] and down [E, H, I], H and I multiples of 32, T <= 16.
+// contiguous gate_up [E, 2I, H] and down [E, H, I], H and I multiples of 32, T <= 64,
+// T*K <= 512 (and E <= 512 past T*K = kStreamThreads).
 //
 // At decode sizes the op is one long read of the selected experts' weights; the only goal is
 // to keep HBM busy from the first byte to the last. The decode path (experts_decode.cuh) reads
@@ -8,15 +9,19 @@
 // shared memory, so that 70-220 KB per SM are in flight whatever the warps are doing.
 //
 // Two persistent launches of one CTA per SM (8 consumer warps + 1 producer warp):
-//   1. gate_up: work items (j-th used expert, 8 intermediate rows) dealt round robin to the CTAs.
-//      A stage holds 16 weight rows x 512 k: gate rows r..r+7 then up rows I+r..I+r+7, so one
-//      m16 tile has the gate and the up value of a row in the same thread (SiLU*up needs no
-//      exchange). The tokens (B operand, 8 per n tile) come from x, staged in shared memory once.
-//      act[slot, r..r+7] = SiLU(gate) * up, rounded to the dtype.
-//   2. down (programmatic dependent launch): a CTA owns 16 output rows (a tile; the next tile
-//      is gridDim.x further) and streams those rows of every used expert in turn, so the sum
-//      over a token's experts stays in the CTA: no partial outputs in memory, no cross-CTA
-//      reduction, deterministic. The producer starts streaming as soon as the CTA is resident,
+//   1. gate_up: work items (j-th used expert, 8 intermediate rows). A stage holds 16 weight rows
+//      x 512 k: gate rows r..r+7 then up rows I+r..I+r+7, so one m16 tile has the gate and the up
+//      value of a row in the same thread (SiLU*up needs no exchange). The tokens (B operand, 8
+//      per n tile) come from x in shared memory: up to kStreamXRows tokens, all of x is staged
+//      once and the items are dealt round robin; beyond, the items are dealt in chunks of
+//      consecutive items (one expert, mostly) and a CTA stages the x rows of one (expert, pass)
+//      at a time, when it changes. act[slot, r..r+7] = SiLU(gate) * up, rounded to the dtype.
+//   2. down (programmatic dependent launch). Up to kStreamXRows tokens ("tile-major"): a CTA
+//      owns 16 output rows (a tile; the next tile is gridDim.x further) and streams those rows of
+//      every used expert in turn, so the sum over a token's experts stays in the CTA: no partial
+//      outputs in memory, no cross-CTA reduction, deterministic. Beyond, "expert-major" (see
+//      consume_down_by_expert): items like gate_up's, per-slot results into y, and a third
+//      launch (combine_slots_kernel) sums each token's slots. The producer starts streaming as soon as the CTA is resident,
 //      before the gate_up grid has finished; the consumers wait for it (griddepcontrol.wait)
 //      only before they read act, so the ring fills up during the hand-over. The act rows of
 //      the next expert are fetched (cp.async) while the current one is multiplied.
@@ -24,7 +29,10 @@
 // on the permuted-k fragments of experts_mma.cuh (a thread reads 16 contiguous bytes of rows g
 // and g+8 and of its token), and meet in shared memory in warp order at the end of an item.
 // Every CTA builds the same expert and slot lists from ids (no host sync, no alignment launch).
+// All of it is deterministic run to run (fixed summation orders, no floating-point atomics).
 #pragma once
+
+#include <climits>
 
 #include "experts_mma.cuh"
 
@@ -46,8 +54,14 @@ constexpr int kStreamPitch = kStreamChunk * 2 + 64;
 constexpr int kStreamStageBytes = kStreamRows * kStreamPitch;
 constexpr int kStreamMaxStages = 16;
 constexpr int kStreamMinStages = 4;
-constexpr int kStreamMaxTokens = 16;
-constexpr int kStreamMaxSlots = 256;  // T*K: one slot per thread while the lists are built
+constexpr int kStreamMaxTokens = 64;
+constexpr int kStreamMaxSlots = 512;     // T*K (the lists live in shared memory)
+constexpr int kStreamMaxExperts = 512;  // past kStreamThreads slots: the list builder's counters
+// Tokens whose x rows all stay in shared memory for the whole gate_up phase; beyond, x rows are
+// staged per (expert, pass) (the gate_up item dealing above).
+constexpr int kStreamXRows = 16;
+__host__ __device__ constexpr bool stream_x_resident(int T) { return T <= kStreamXRows; }
+__host__ __device__ constexpr int stream_x_rows(int T) { return T <= kStreamXRows ? T : kStreamXRows; }
 constexpr int kStreamRedStride = kStreamRows + 1;  // floats per (warp, pair) in the reduction buffer
 // Pairs (token, expert) multiplied per pass: one n8 tile up to 8 tokens, two up to 16.
 __host__ __device__ constexpr int stream_pairs_per_pass(int T) { return T <= 8 ? 8 : 16; }
@@ -57,9 +71,11 @@ __host__ __device__ constexpr int stream_pairs_per_pass(int T) { return T <= 8 ?
 // and one per unit (six at top-6) left the down consumers waiting most of the time.
 constexpr int kStreamResidentSlots = 32;
 __host__ __device__ constexpr bool stream_act_resident(int T, int K) { return T * K <= kStreamResidentSlots; }
-// act rows the down phase holds in shared memory.
+// act rows the down phase holds in shared memory (expert-major: one pass's rows).
 __host__ __device__ constexpr int stream_act_rows(int T, int K) {
-  return stream_act_resident(T, K) && T * K > 2 * stream_pairs_per_pass(T) ? T * K : 2 * stream_pairs_per_pass(T);
+  return !stream_x_resident(T) ? stream_pairs_per_pass(T)
+         : stream_act_resident(T, K) && T * K > 2 * stream_pairs_per_pass(T) ? T * K
+                                                                              : 2 * stream_pairs_per_pass(T);
 }
 
 // Timing hooks for the standalone harness only (never defined in the library build).
@@ -79,7 +95,6 @@ __device__ unsigned long long* g_stream_trace;
   } while (0)
 #endif
 
-static_assert(kStreamMaxSlots <= kStreamThreads, "one thread per slot when the lists are built");
 
 struct StreamParams {
   const void* x;         // hidden [T, H]
@@ -91,6 +106,7 @@ struct StreamParams {
   void* out;             // [T, H]
   int T, K, E, H, I;
   int stages;            // ring depth of this launch (host: what the shared memory holds)
+  float* y = nullptr;    // [T*K, H] fp32 scratch of the expert-major down phase (T > kStreamXRows)
 };
 
 // Row pitch in shared memory of a [rows][len] 16-bit operand: len*2 bytes padded to 16 mod 32
@@ -106,10 +122,11 @@ __host__ __device__ constexpr int stream_row_pitch(int len) {
 // (down: 2 x NT*8 rows of I, the next expert's rows load while the current one is multiplied).
 struct StreamSmem {
   static constexpr int kBarBytes = 2 * kStreamMaxStages * 8;
-  static constexpr int kListInts = 5 * kStreamMaxSlots + 8;
+  static constexpr int kListInts = 5 * kStreamMaxSlots + 8;  // StreamLists: 5 arrays, nused
   static constexpr int kListsAt = kBarBytes;
   static constexpr int kRedAt = kListsAt + kListInts * 4;
   static constexpr int kRedBytes = kStreamConsumerWarps * 16 * kStreamRedStride * 4;
+  static_assert(kRedBytes >= 4 * kStreamMaxExperts * 4, "the list builder's counters fit the reduction buffer");
   static constexpr int kPairSumsAt = kRedAt + kRedBytes;  // [16 pairs][kStreamRedStride] floats
   static constexpr int kOutAccAt = kPairSumsAt + 16 * kStreamRedStride * 4;  // [kStreamMaxTokens][16] floats
   // The fused moe kernel's routing result: ids [kStreamMaxSlots] ints, then the weights.
@@ -205,7 +222,13 @@ struct StreamLists {
   int nused;
 };
 
-__device__ __forceinline__ StreamLists build_stream_lists(const int* __restrict__ ids, int TK, int E, int* s) {
+// The lists of ids[0 .. TK) (all threads of the CTA take part; the same lists in every CTA).
+// s: kListInts ints; scratch: 4 * E ints, free until the caller's first reduction (the reduction
+// buffer; only the counting builder uses it). Up to one slot per thread a pairwise count is the
+// fastest (1.25 us from kernel entry at T=1 on H100, against 2.0 us for the counting builder,
+// whose five barriers and atomics cost more than it saves there); past that the counting builder
+// keeps T*K = 384..512 at ~4 us instead of a per-slot loop over every slot.
+__device__ __forceinline__ StreamLists build_stream_lists_pairwise(const int* __restrict__ ids, int TK, int E, int* s) {
   int* s_ids = s;
   int* s_first = s + kStreamMaxSlots;
   StreamLists L{s + 2 * kStreamMaxSlots, s + 3 * kStreamMaxSlots, s + 4 * kStreamMaxSlots, 0};
@@ -242,6 +265,88 @@ __device__ __forceinline__ StreamLists build_stream_lists(const int* __restrict_
   __syncthreads();
   L.nused = nused;
   return L;
+}
+
+// Past one slot per thread: every phase is parallel over slots or experts except one warp's walk
+// over the slots, 32 at a time, that numbers the used experts in order of first appearance.
+// scratch: 4 * E ints.
+//   counts and first slots (shared-memory atomics) -> used experts and their starts (the walk,
+//   then a scan of the counts) -> slots dropped into their expert's segment in any order ->
+//   each slot's rank in its segment = how many of the segment's slots are smaller.
+__device__ __forceinline__ StreamLists build_stream_lists_counted(const int* __restrict__ ids, int TK, int E, int* s,
+                                                                  int* scratch) {
+  int* s_ids = s;
+  int* s_any = s + kStreamMaxSlots;  // the slots grouped by expert, unordered within a group
+  StreamLists L{s + 2 * kStreamMaxSlots, s + 3 * kStreamMaxSlots, s + 4 * kStreamMaxSlots, 0};
+  int* s_nused = s + 5 * kStreamMaxSlots + 1;  // start has nused + 1 <= kStreamMaxSlots + 1 entries
+  int* count = scratch;         // [E] slots naming expert e
+  int* first = scratch + E;     // [E] its first slot
+  int* used_at = scratch + 2 * E;  // [E] j of expert e (valid where count[e] > 0)
+  int* fill = scratch + 3 * E;  // [E] slots dropped into its segment so far
+  const int tid = threadIdx.x, lane = tid & 31;
+  for (int i = tid; i < TK; i += blockDim.x) {
+    const int v = ids[i];
+    s_ids[i] = (v >= 0 && v < E) ? v : -1;  // out-of-range ids are skipped like -1
+  }
+  for (int e = tid; e < E; e += blockDim.x) count[e] = 0, first[e] = INT_MAX, fill[e] = 0;
+  __syncthreads();
+  for (int i = tid; i < TK; i += blockDim.x) {
+    const int e = s_ids[i];
+    if (e >= 0) atomicAdd(&count[e], 1), atomicMin(&first[e], i);
+  }
+  __syncthreads();
+  if (tid < 32) {
+    int nused = 0;
+    for (int c0 = 0; c0 < TK; c0 += 32) {
+      const int i = c0 + lane, e = i < TK ? s_ids[i] : -1;
+      const bool is_first = e >= 0 && first[e] == i;
+      const unsigned firsts = __ballot_sync(0xffffffffu, is_first);
+      if (is_first) {
+        const int j = nused + __popc(firsts & ((1u << lane) - 1u));
+        used_at[e] = j;
+        L.used[j] = e;
+      }
+      nused += __popc(firsts);
+    }
+    __syncwarp();
+    // start[j]: exclusive prefix sum of the used experts' counts, 32 at a time.
+    int run = 0;
+    for (int j0 = 0; j0 < nused; j0 += 32) {
+      const int j = j0 + lane, n = j < nused ? count[L.used[j]] : 0;
+      int incl = n;
+#pragma unroll
+      for (int d = 1; d < 32; d <<= 1) {
+        const int o = __shfl_up_sync(0xffffffffu, incl, d);
+        if (lane >= d) incl += o;
+      }
+      if (j < nused) L.start[j] = run + incl - n;
+      run += __shfl_sync(0xffffffffu, incl, 31);
+    }
+    if (lane == 0) L.start[nused] = run, *s_nused = nused;
+  }
+  __syncthreads();
+  for (int i = tid; i < TK; i += blockDim.x) {
+    const int e = s_ids[i];
+    if (e >= 0) s_any[L.start[used_at[e]] + atomicAdd(&fill[e], 1)] = i;
+  }
+  __syncthreads();
+  for (int i = tid; i < TK; i += blockDim.x) {
+    const int e = s_ids[i];
+    if (e < 0) continue;
+    const int j = used_at[e], b = L.start[j], n = L.start[j + 1];
+    int rank = 0;
+    for (int q = b; q < n; ++q) rank += s_any[q] < i;
+    L.list[b + rank] = i;
+  }
+  L.nused = *s_nused;
+  __syncthreads();
+  return L;
+}
+
+__device__ __forceinline__ StreamLists build_stream_lists(const int* __restrict__ ids, int TK, int E, int* s,
+                                                          int* scratch) {
+  return TK <= static_cast<int>(blockDim.x) ? build_stream_lists_pairwise(ids, TK, E, s)
+                                            : build_stream_lists_counted(ids, TK, E, s, scratch);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -370,50 +475,108 @@ __device__ __forceinline__ StreamShared stream_shared(unsigned char* smem, const
 // next: the producer may stream down weights while the consumers still multiply gate_up rows.
 // ---------------------------------------------------------------------------------------------
 
-// gate_up items: (j-th used expert, 8 intermediate rows), dealt round robin over the grid
-// (items blockIdx.x, + gridDim.x, ...): at any moment the grid reads neighbouring rows of one
-// expert (measured on H100: the CTAs then finish within 0.4 us of each other at T=1, against
-// 5 us with contiguous ranges per CTA, whose addresses are spread over the whole expert).
+// gate_up items: (j-th used expert, 8 intermediate rows). With x resident (T <= kStreamXRows)
+// they are dealt round robin over the grid (items blockIdx.x, + gridDim.x, ...): at any moment the
+// grid reads neighbouring rows of one expert (measured on H100: the CTAs then finish within
+// 0.4 us of each other at T=1, against 5 us with contiguous ranges per CTA, whose addresses are
+// spread over the whole expert). Beyond, each CTA takes a contiguous range, so that its items
+// share one or two experts and their x rows are staged once per expert, not once per item.
 __device__ __forceinline__ int gate_up_item_count(const StreamLists& L, int I) { return L.nused * (I / 8); }
+
+// This CTA's share of n items: chunks of `chunk` consecutive items dealt round robin (chunk 1:
+// plain round robin; chunk >= n / gridDim.x: one contiguous range).
+struct ItemIter {
+  int n, chunk, item, chunk_end;
+  __device__ __forceinline__ ItemIter(int n_, int chunk_)
+      : n(n_), chunk(chunk_), item(chunk_ * static_cast<int>(blockIdx.x)), chunk_end(min(n_, item + chunk_)) {}
+  __device__ __forceinline__ bool more() const { return item < n; }
+  __device__ __forceinline__ void next() {
+    if (++item == chunk_end) {
+      item += (static_cast<int>(gridDim.x) - 1) * chunk;
+      chunk_end = min(n, item + chunk);
+    }
+  }
+};
+#ifndef ALLOCMOE_STREAM_ITEM_CHUNK  // bench/stream_kernel_harness.cu tries others (0: contiguous)
+#define ALLOCMOE_STREAM_ITEM_CHUNK 4
+#endif
+// Staged operands (T > kStreamXRows): chunks of 4 items (of one expert, mostly), so a CTA
+// restages x or act at most once per chunk. Measured on H100 at the DeepSeek-V2-Lite shape, T=64
+// (bench/stream_kernel_harness.cu mid): chunks of 4 387.8 us, one contiguous range per CTA 392.7,
+// chunks of 16 414.7 (5 or 6 chunks per CTA: the grid waits for the CTAs with 6).
+__device__ __forceinline__ int stream_item_chunk(int n, int T) {
+  if (stream_x_resident(T)) return 1;
+  return ALLOCMOE_STREAM_ITEM_CHUNK > 0 ? ALLOCMOE_STREAM_ITEM_CHUNK
+                                        : (n + static_cast<int>(gridDim.x) - 1) / static_cast<int>(gridDim.x);
+}
+__device__ __forceinline__ ItemIter gate_up_items(const StreamLists& L, int I, int T) {
+  const int n = gate_up_item_count(L, I);
+  return ItemIter(n, stream_item_chunk(n, T));
+}
 
 template <typename T, int NT>
 __device__ __forceinline__ void produce_gate_up(const StreamParams& p, const StreamLists& L, Producer& prod) {
   const int lane = threadIdx.x & 31, H = p.H, I = p.I, tiles = I / 8;
   const T* gu = static_cast<const T*>(p.gate_up);
-  for (int item = blockIdx.x; item < gate_up_item_count(L, I); item += gridDim.x) {
-    const int j = item / tiles, r0 = (item % tiles) * 8;
+  for (ItemIter it = gate_up_items(L, I, p.T); it.more(); it.next()) {
+    const int j = it.item / tiles, r0 = (it.item % tiles) * 8;
     const int row = lane < 8 ? r0 + lane : I + r0 + (lane - 8);  // gate rows, then up rows
     const int npairs = L.start[j + 1] - L.start[j];
     prod.unit(gu + ((size_t)L.used[j] * 2 * I + row) * H, H, (npairs + NT * 8 - 1) / (NT * 8));
   }
 }
 
-// x -> shared memory ([T][x_pitch] at xs), then this CTA's items: act[slot, r..r+7].
+// The consumers copy n rows of len elements (row r at src + row_of(r) * len) into dst (rows of
+// pitch bytes) with cp.async, wait for them, and meet: staging of x or act rows.
+template <typename T, typename RowFn>
+__device__ __forceinline__ void stage_rows(unsigned char* dst, int pitch, const T* src, int len, int n, RowFn row_of) {
+  const int vec = len / 8;
+  for (int idx = threadIdx.x; idx < n * vec; idx += kStreamConsumers) {
+    const int r = idx / vec, v = idx % vec;
+    cp_async16(dst + (size_t)r * pitch + v * 16, src + (size_t)row_of(r) * len + v * 8, 16);
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  consumers_sync();
+}
+
+// x -> shared memory at xs (rows of x_pitch bytes): all T rows up front when x is resident, else
+// the rows of each (expert, pass) when it comes up. Then this CTA's items: act[slot, r..r+7].
 template <typename T, int NT>
 __device__ __forceinline__ void consume_gate_up(const StreamParams& p, const StreamLists& L, const StreamShared& sh,
                                                 unsigned char* xs, int x_pitch, RingPos& pos) {
+  static_assert(NT * 8 <= kStreamXRows, "a pass's x rows fit the staging area");
   const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, c = lane & 3;
   const int H = p.H, I = p.I, K = p.K, tiles = I / 8;
   const int vec = H / 8;
-  for (int idx = tid; idx < p.T * vec; idx += kStreamConsumers) {
-    const int t = idx / vec, v = idx % vec;
-    *reinterpret_cast<uint4*>(xs + (size_t)t * x_pitch + v * 16) =
-        load_cached16(static_cast<const T*>(p.x) + (size_t)t * H + v * 8);
+  const T* x = static_cast<const T*>(p.x);
+  const bool resident = stream_x_resident(p.T);
+  if (resident) {
+    for (int idx = tid; idx < p.T * vec; idx += kStreamConsumers) {
+      const int t = idx / vec, v = idx % vec;
+      *reinterpret_cast<uint4*>(xs + (size_t)t * x_pitch + v * 16) = load_cached16(x + (size_t)t * H + v * 8);
+    }
+    consumers_sync();
   }
-  consumers_sync();
   STREAM_TRACE(2);
   T* act = static_cast<T*>(p.act);
-  for (int item = blockIdx.x; item < gate_up_item_count(L, I); item += gridDim.x) {
-    const int j = item / tiles, r0 = (item % tiles) * 8;
+  int staged_j = -1, staged_p0 = -1;
+  for (ItemIter it = gate_up_items(L, I, p.T); it.more(); it.next()) {
+    const int j = it.item / tiles, r0 = (it.item % tiles) * 8;
     const int s0 = L.start[j], npairs = L.start[j + 1] - s0;
     for (int p0 = 0; p0 < npairs; p0 += NT * 8) {
       const int npass = min(NT * 8, npairs - p0);
+      if (!resident && (j != staged_j || p0 != staged_p0)) {
+        // Nobody reads xs now: the previous pass ended at a consumer barrier.
+        stage_rows(xs, x_pitch, x, H, npass, [&](int pl) { return L.list[s0 + p0 + pl] / K; });
+        staged_j = j, staged_p0 = p0;
+      }
       const T* brow[NT];
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt) {
         const int pr = p0 + nt * 8 + g;
-        const int slot = L.list[s0 + (pr < npairs ? pr : p0)];
-        brow[nt] = reinterpret_cast<const T*>(xs + (size_t)(slot / K) * x_pitch) + 8 * c;
+        const int row = resident ? L.list[s0 + (pr < npairs ? pr : p0)] / K : (pr < npairs ? pr - p0 : 0);
+        brow[nt] = reinterpret_cast<const T*>(xs + (size_t)row * x_pitch) + 8 * c;
       }
       float acc[NT][4];
       consume_pass<T, NT, true>(acc, brow, npass, H, sh.full0, sh.empty0, sh.ring_ptr, sh.stages, pos);
@@ -547,6 +710,69 @@ __device__ __forceinline__ void consume_down(const StreamParams& p, const Stream
   STREAM_TRACE(7);
 }
 
+// Expert-major down phase (T > kStreamXRows, where one output tile would need the act rows of
+// every used expert, from L2, once per tile: measured on H100 at T=64 the tile-major phase above
+// ran at 2.1 TB/s). Items are (j-th used expert, 16 output rows) in contiguous ranges per CTA,
+// exactly as gate_up's: the act rows of one (expert, pass) are staged once and serve every tile
+// of that expert in the range. Each pair's 16 values, times its routing weight, go to
+// y[slot, rows] (fp32); combine_slots_kernel (a third, dependent launch) sums each token's slots
+// in slot order, so the result stays deterministic.
+__device__ __forceinline__ int down_item_count(const StreamLists& L, int H) { return L.nused * (H / kStreamRows); }
+
+template <typename T, int NT>
+__device__ __forceinline__ void produce_down_by_expert(const StreamParams& p, const StreamLists& L, Producer& prod) {
+  const int lane = threadIdx.x & 31, H = p.H, I = p.I, tiles = H / kStreamRows;
+  const T* dn = static_cast<const T*>(p.down);
+  const int n = down_item_count(L, H);
+  for (ItemIter it(n, stream_item_chunk(n, p.T)); it.more(); it.next()) {
+    const int j = it.item / tiles, tile = it.item % tiles;
+    const int npairs = L.start[j + 1] - L.start[j];
+    prod.unit(dn + ((size_t)L.used[j] * H + tile * kStreamRows + (lane & 15)) * I, I, (npairs + NT * 8 - 1) / (NT * 8));
+  }
+}
+
+// act must be complete and visible once wait_for_previous_grid() returns (the gate_up grid).
+template <typename T, int NT>
+__device__ __forceinline__ void consume_down_by_expert(const StreamParams& p, const StreamLists& L,
+                                                       const StreamShared& sh, unsigned char* bufs, int act_pitch,
+                                                       RingPos& pos) {
+  static_assert(NT * 8 <= kStreamXRows, "a pass's act rows fit the staging area");
+  const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, c = lane & 3;
+  const int H = p.H, I = p.I, tiles = H / kStreamRows;
+  const T* act = static_cast<const T*>(p.act);
+  wait_for_previous_grid();
+  STREAM_TRACE(6);
+  int staged_j = -1, staged_p0 = -1;
+  const int n = down_item_count(L, H);
+  for (ItemIter it(n, stream_item_chunk(n, p.T)); it.more(); it.next()) {
+    const int j = it.item / tiles, tile = it.item % tiles;
+    const int s0 = L.start[j], npairs = L.start[j + 1] - s0;
+    for (int p0 = 0; p0 < npairs; p0 += NT * 8) {
+      const int npass = min(NT * 8, npairs - p0);
+      if (j != staged_j || p0 != staged_p0) {  // nobody reads bufs now (the last pass ended at a barrier)
+        stage_rows(bufs, act_pitch, act, I, npass, [&](int pl) { return L.list[s0 + p0 + pl]; });
+        staged_j = j, staged_p0 = p0;
+      }
+      const T* brow[NT];
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const int pr = nt * 8 + g;
+        brow[nt] = reinterpret_cast<const T*>(bufs + (size_t)(pr < npass ? pr : 0) * act_pitch) + 8 * c;
+      }
+      float acc[NT][4];
+      consume_pass<T, NT, true>(acc, brow, npass, I, sh.full0, sh.empty0, sh.ring_ptr, sh.stages, pos);
+      stash_partials<NT>(sh.red, acc);
+      consumers_sync();
+      for (int idx = tid; idx < npass * kStreamRows; idx += kStreamConsumers) {
+        const int pl = idx / kStreamRows, r = idx % kStreamRows, slot = L.list[s0 + p0 + pl];
+        p.y[(size_t)slot * H + tile * kStreamRows + r] = p.weights[slot] * sum_partials(sh.red, pl, r);
+      }
+      consumers_sync();
+    }
+  }
+  STREAM_TRACE(7);
+}
+
 // Nothing routed anywhere (every id is -1 or out of range): the output is zero.
 template <typename T>
 __device__ __forceinline__ void write_zero_output(const StreamParams& p) {
@@ -562,14 +788,14 @@ __device__ __forceinline__ void write_zero_output(const StreamParams& p) {
 template <typename T, int NT>
 __global__ void __launch_bounds__(kStreamThreads, 1) stream_gate_up_kernel(StreamParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
-  const StreamSmem lay(p.T, p.H);
+  const StreamSmem lay(stream_x_rows(p.T), p.H);
   const StreamShared sh = stream_shared(smem, lay, p.stages);
   STREAM_TRACE(0);
   wait_for_previous_grid();  // ids and x may come from the grid before
   allow_next_grid();         // the down grid may take each SM as soon as this grid leaves it
-  const StreamLists L = build_stream_lists(p.ids, p.T * p.K, p.E, sh.lists);
+  const StreamLists L = build_stream_lists(p.ids, p.T * p.K, p.E, sh.lists, reinterpret_cast<int*>(sh.red));
   STREAM_TRACE(1);
-  if ((int)blockIdx.x >= gate_up_item_count(L, p.I)) return;
+  if (!gate_up_items(L, p.I, p.T).more()) return;
   RingPos pos;
   if (threadIdx.x >= kStreamConsumers) {
     Producer prod{sh.full0, sh.empty0, sh.ring, p.stages, evict_first_policy(), {}};
@@ -587,15 +813,27 @@ __global__ void __launch_bounds__(kStreamThreads, 1) stream_down_kernel(StreamPa
   STREAM_TRACE(4);
   // ids were final before the gate_up grid started, so the lists and the weight stream need
   // not wait for it; only act and the output do.
-  const StreamLists L = build_stream_lists(p.ids, p.T * p.K, p.E, sh.lists);
+  const StreamLists L = build_stream_lists(p.ids, p.T * p.K, p.E, sh.lists, reinterpret_cast<int*>(sh.red));
   STREAM_TRACE(5);
   if (L.nused == 0) {
     wait_for_previous_grid();
     write_zero_output<T>(p);
     return;
   }
-  if ((int)blockIdx.x >= p.H / kStreamRows) return;
   RingPos pos;
+  if (!stream_x_resident(p.T)) {  // expert-major, into y (combine_slots_kernel follows)
+    allow_next_grid();
+    const int n = down_item_count(L, p.H);
+    if (!ItemIter(n, stream_item_chunk(n, p.T)).more()) return;
+    if (threadIdx.x >= kStreamConsumers) {
+      Producer prod{sh.full0, sh.empty0, sh.ring, p.stages, evict_first_policy(), {}};
+      produce_down_by_expert<T, NT>(p, L, prod);
+      return;
+    }
+    consume_down_by_expert<T, NT>(p, L, sh, smem + StreamSmem::kOperandAt, lay.pitch, pos);
+    return;
+  }
+  if ((int)blockIdx.x >= p.H / kStreamRows) return;
   if (threadIdx.x >= kStreamConsumers) {
     Producer prod{sh.full0, sh.empty0, sh.ring, p.stages, evict_first_policy(), {}};
     produce_down<T, NT>(p, L, prod);

@@ -533,7 +533,8 @@ bool stream_moe_fits(const at::Tensor& hidden, const at::Tensor& gate_up, const 
                      int64_t K, int64_t E, int64_t n_group, Scoring scoring, const DeviceInfo& d) {
   const int64_t H = hidden.size(1), I = gate_up.size(1) / 2;
   using namespace cuda_experts;
-  if (d.major < 9 || !d.coop || T > kStreamMaxTokens || T * K > kStreamMaxSlots || E > kMaxExpertsCuda || K > 32) return false;
+  if (d.major < 9 || !d.coop || T > kStreamMoeMaxTokens || T * K > kStreamMoeMaxSlots || E > kMaxExpertsCuda || K > 32)
+    return false;
   if (!(hidden.scalar_type() == at::kBFloat16 || hidden.scalar_type() == at::kHalf)) return false;
   if (!gate_up.is_contiguous() || !down.is_contiguous() || !aligned16(gate_up) || !aligned16(down)) return false;
   if (H % 32 != 0 || I % 32 != 0 || H > 65536 || I > 65536 || E * 2 * I * H >= (int64_t(1) << 62)) return false;

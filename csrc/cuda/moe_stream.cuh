@@ -22,6 +22,13 @@
 
 namespace allocmoe::cuda_experts {
 
+// The fused kernel's limits: x of every token stays in shared memory for the whole gate_up phase
+// (the down phase is the tile-major one), and the routing result holds one slot per thread.
+constexpr int kStreamMoeMaxTokens = 16;
+constexpr int kStreamMoeMaxSlots = 256;
+static_assert(kStreamMoeMaxTokens <= kStreamXRows, "x stays in shared memory for the whole gate_up phase");
+static_assert(kStreamMoeMaxSlots <= kStreamMaxSlots, "the routing result fits the stream lists");
+
 struct StreamMoeParams {
   StreamParams e;           // the experts' operands (ids and weights: routed in the kernel)
   const float* logits;      // router logits [T, E] fp32
@@ -30,7 +37,7 @@ struct StreamMoeParams {
 
 // One operand area for x (gate_up phase) and, after the barrier, the act buffers (down phase).
 __host__ __device__ inline StreamSmem stream_moe_smem(int T, int K, int H, int I) {
-  const int x_bytes = T * stream_row_pitch(H);
+  const int x_bytes = stream_x_rows(T) * stream_row_pitch(H);
   const int act_bytes = stream_act_rows(T, K) * stream_row_pitch(I);
   return StreamSmem(x_bytes > act_bytes ? x_bytes : act_bytes);
 }
@@ -74,7 +81,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1) stream_moe_kernel(StreamMoe
   fence_proxy_async_shared();  // the routing scratch is read and written before bulk copies land there
   p.ids = ids;
   p.weights = weights;
-  const StreamLists L = build_stream_lists(ids, p.T * p.K, p.E, sh.lists);
+  const StreamLists L = build_stream_lists(ids, p.T * p.K, p.E, sh.lists, reinterpret_cast<int*>(sh.red));
   STREAM_TRACE(1);
   if (L.nused == 0) {  // the same in every CTA: no barrier needed
     write_zero_output<T>(p);
