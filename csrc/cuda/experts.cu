@@ -5,10 +5,11 @@
 //     silu, no biases, contiguous weights, H and I multiples of 32; E <= 512 past T*K = 288) on
 //     sm_90: two persistent launches (three past 16 tokens) that feed the selected experts'
 //     weights through bulk copies into a deep shared-memory ring; memory-bound, aims at the
-//     bandwidth floor. Measured on H100 at the DeepSeek-V2-Lite shape against skinny (same run,
-//     bench/stream_kernel_harness.cu mid): T=16 301 vs 320 us, T=32 362 vs 373, T=64 388 vs 402;
-//     on another machine T=48 398 vs 394 (noise there), T=64 392 vs 402. Auto takes it where it
-//     fits.
+//     bandwidth floor. Auto takes it up to kStreamAutoMaxTokens only: past 16 tokens it beat
+//     skinny in the kernel harness (bench/stream_kernel_harness.cu mid, DeepSeek-V2-Lite shape:
+//     T=32 362 vs 373 us, T=64 388 vs 402) but not in the layer bench (same run, route and L2
+//     flush included: T=32 399.9 vs 389.3, T=64 404.4 vs 406.2; Qwen1.5 T=64 373.3 vs 367.6;
+//     OLMoE T=64 301.2 vs 296.4), so past 16 tokens it is reached only when forced.
 //   - decode (experts_decode.cuh): the same cases before sm_90 (or when x does not fit in
 //     shared memory); streams each used expert's weights once with 16-byte loads.
 //   - skinny (experts_skinny.cuh): mid T (a few dozen tokens per expert on average) on the
@@ -53,6 +54,8 @@ namespace {
 // shape: skinny is as fast at T=16 and faster from T=32 on, docs/KERNELS.md), and the largest
 // T*K it can take at all (its slot list lives in shared memory).
 constexpr int64_t kDecodeMaxTokens = 16;
+// Largest T that takes the stream path in auto mode (see the header: past it skinny is as fast).
+constexpr int64_t kStreamAutoMaxTokens = 16;
 constexpr int64_t kDecodeMaxSlots = 4096;
 // Auto mode takes the skinny path above kDecodeMaxTokens while the average expert gets at most
 // this many slots (T*K/E); past it the 128-token tiles of the prefill path fill up (measured at
@@ -496,7 +499,7 @@ at::Tensor experts_cuda(const at::Tensor& hidden, const at::Tensor& gate_up, con
     else if (forced == Path::kDecode) path = decode_fits ? Path::kDecode : Path::kPrefill;
     else if (forced == Path::kSkinny) path = skinny_fits ? Path::kSkinny : Path::kPrefill;
     else if (forced == Path::kPrefill) path = Path::kPrefill;
-    else if (stream_ok) path = Path::kStream;
+    else if (stream_ok && T <= kStreamAutoMaxTokens) path = Path::kStream;
     else if (T <= kDecodeMaxTokens && decode_fits) path = Path::kDecode;
     else if (skinny_fits && T * K <= kSkinnyMaxAvgSlots * E) path = Path::kSkinny;
     else path = Path::kPrefill;
