@@ -35,4 +35,15 @@ inline const DeviceInfo& device_info(int dev) {
   return info[dev];
 }
 
+// Raises a kernel's dynamic shared-memory limit past the 48 KB default, once per device (done:
+// the kernel's own flags), so that nothing but the launch happens on later calls, inside CUDA
+// graph capture included. Called with the kernel's largest possible size.
+inline void set_smem_limit(const void* kernel, int bytes, bool (&done)[64]) {
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < 64 && done[dev]) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  if (dev < 64) done[dev] = true;
+}
+
 }  // namespace allocmoe::cuda

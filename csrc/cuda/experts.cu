@@ -32,13 +32,12 @@
 
 #include <algorithm>
 #include <climits>
-#include <cstdlib>
-#include <cstring>
 #include <optional>
 #include <string>
 #include <string_view>
 
 #include "common/arg_checks.h"
+#include "common/env_choice.h"
 #include "device_info.h"
 #include "experts_decode.cuh"
 #include "experts_prefill.cuh"
@@ -196,16 +195,7 @@ struct Scratch {
   }
 };
 
-// Raises a decode kernel's dynamic shared-memory limit past the 48 KB default. Called with the
-// kernel's largest possible size (T*K = kDecodeMaxSlots) once per device, so that nothing but the
-// launch happens on later calls, inside CUDA graph capture included.
-void set_smem_limit(const void* kernel, int bytes, bool (&done)[64]) {
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev < 64 && done[dev]) return;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
-  if (dev < 64) done[dev] = true;
-}
+using cuda::set_smem_limit;
 
 template <typename T, int NT>
 void launch_decode(const DecodeParams& p, cudaStream_t stream) {
@@ -441,17 +431,9 @@ void check_ids_in_range(const at::Tensor& ids, int64_t E) {
 
 enum class Path { kAuto, kStream, kDecode, kSkinny, kPrefill, kGeneric };
 
-Path forced_path() {
-  const char* v = std::getenv("ALLOCMOE_EXPERTS_PATH");
-  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) return Path::kAuto;
-  if (std::strcmp(v, "stream") == 0) return Path::kStream;
-  if (std::strcmp(v, "decode") == 0) return Path::kDecode;
-  if (std::strcmp(v, "skinny") == 0) return Path::kSkinny;
-  if (std::strcmp(v, "prefill") == 0) return Path::kPrefill;
-  if (std::strcmp(v, "generic") == 0) return Path::kGeneric;
-  ALLOCMOE_CHECK(false, "allocmoe.experts: ALLOCMOE_EXPERTS_PATH must be auto, stream, decode, skinny, prefill or generic, got '",
-                 v, "'");
-  return Path::kAuto;
+Path forced_path() {  // choices in the order of Path
+  return static_cast<Path>(env_choice("allocmoe.experts", "ALLOCMOE_EXPERTS_PATH",
+                                      {"auto", "stream", "decode", "skinny", "prefill", "generic"}));
 }
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }

@@ -28,11 +28,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cooperative_groups.h>
-#include <cstdlib>
-#include <cstring>
 #include <torch/library.h>
 
 #include "common/arg_checks.h"
+#include "common/env_choice.h"
 #include "cpu/moe.h"
 #include "cuda/device_info.h"
 #include "cuda/moe_stream.cuh"
@@ -502,15 +501,9 @@ bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_
 
 enum class MoePath { kAuto, kStream, kFused, kComposite };
 
-// ALLOCMOE_MOE_PATH, read on every call (tests force every path).
+// ALLOCMOE_MOE_PATH (tests force every path); choices in the order of MoePath.
 MoePath forced_moe_path() {
-  const char* v = std::getenv("ALLOCMOE_MOE_PATH");
-  if (v == nullptr || v[0] == '\0' || std::strcmp(v, "auto") == 0) return MoePath::kAuto;
-  if (std::strcmp(v, "stream") == 0) return MoePath::kStream;
-  if (std::strcmp(v, "fused") == 0) return MoePath::kFused;
-  if (std::strcmp(v, "composite") == 0) return MoePath::kComposite;
-  ALLOCMOE_CHECK(false, "allocmoe.moe: ALLOCMOE_MOE_PATH must be auto, stream, fused or composite, got '", v, "'");
-  return MoePath::kAuto;
+  return static_cast<MoePath>(env_choice("allocmoe.moe", "ALLOCMOE_MOE_PATH", {"auto", "stream", "fused", "composite"}));
 }
 
 // ---- the stream path (moe_stream.cuh) -----------------------------------------------------
@@ -551,11 +544,7 @@ void launch_stream_moe(const StreamMoeParams& m, size_t smem, int grid, cudaStre
   static bool done[64] = {};
   int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev >= 64 || !done[dev]) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        device_info(dev).smem_optin));
-    if (dev < 64) done[dev] = true;
-  }
+  set_smem_limit(reinterpret_cast<const void*>(kernel), device_info(dev).smem_optin, done);
   // Cooperative: every CTA resident at once, which the grid barrier between the phases needs
   // (captured into CUDA graphs as such).
   cudaLaunchAttribute attr[1];

@@ -24,10 +24,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <cstdlib>
-#include <cstring>
-
 #include "common/arg_checks.h"
+#include "common/env_choice.h"
 #include "cuda/device_info.h"
 #include "cuda/routing.cuh"
 #include "validation.h"
@@ -122,14 +120,8 @@ bool has_clusters(int device) { return device_info(device).major >= 9; }
 
 enum class RoutePath { kAuto, kWarp, kBlock, kMulti };
 
-RoutePath forced_path() {
-  const char* v = std::getenv("ALLOCMOE_ROUTE_PATH");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return RoutePath::kAuto;
-  if (std::strcmp(v, "warp") == 0) return RoutePath::kWarp;
-  if (std::strcmp(v, "block") == 0) return RoutePath::kBlock;
-  if (std::strcmp(v, "multi") == 0) return RoutePath::kMulti;
-  ALLOCMOE_CHECK(false, "allocmoe.route: ALLOCMOE_ROUTE_PATH must be auto, warp, block or multi, got '", v, "'");
-  return RoutePath::kAuto;
+RoutePath forced_path() {  // choices in the order of RoutePath
+  return static_cast<RoutePath>(env_choice("allocmoe.route", "ALLOCMOE_ROUTE_PATH", {"auto", "warp", "block", "multi"}));
 }
 
 // Launches `kernel` on `grid` blocks forming one cluster (cluster > 1) or as a programmatic
