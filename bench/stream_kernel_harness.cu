@@ -8,7 +8,8 @@
 //   - CUDA-graph timings of gate_up, down and both (PDL), DeepSeek-V2-Lite shape, 8 layers of
 //     weights rotated so nothing is served from L2.
 // With the argument "mid" it runs only the mid-T part instead: the stream kernels at T = 17..64
-// (x staged per expert) checked and timed against the skinny kernels, and a trace at T=64.
+// (x staged per expert) checked and timed against the skinny kernels, and a trace at T=64;
+// "mid flushed": bench-like single calls after an L2 flush (events + %globaltimer stamps + trace).
 // Build on a machine with nvcc (no GPU needed) from the repository root, then run the binary on
 // the GPU (-DALLOCMOE_STREAM_CHUNK=768 etc. tries another stage width):
 //   nvcc -std=c++20 -O3 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
@@ -47,6 +48,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1) ring_read_kernel(const char
   const int nst = (int)(per / 16384);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   RingPos pos;
+  if (warp > kStreamConsumerWarps) return;
   if (warp == kStreamConsumerWarps) {
     const uint64_t pol = evict_first_policy();
     for (int s = 0; s < nst; ++s) {
@@ -79,6 +81,43 @@ __global__ void ldg_read_kernel(const uint4* src, size_t n, int* sink) {
   if (a.x == 0x12345678u) sink[0] = 1;
 }
 
+// Access-pattern probe: no compute, the ring of the stream kernels. CTA b streams 16-row units of
+// nexp matrices of `rows` rows of row_bytes each, tile-major (rows 16b', b' = b, b + G, ...), each
+// unit in stages of 16 rows x chunk bytes: the down phase's pattern with row_bytes = 2 * I.
+__global__ void __launch_bounds__(kStreamThreads, 1) pattern_read_kernel(const char* base, int nexp, int rows, int row_bytes, int chunk, int stages, int* sink) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const StreamSmem lay(1, 64);
+  const StreamShared sh = stream_shared(smem, lay, stages);
+  __syncthreads();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, tiles = rows / 16;
+  RingPos pos;
+  if (warp > kStreamConsumerWarps) return;
+  if (warp == kStreamConsumerWarps) {
+    const uint64_t pol = evict_first_policy();
+    for (int t = blockIdx.x; t < tiles; t += gridDim.x)
+      for (int e = 0; e < nexp; ++e)
+        for (int k0 = 0; k0 < row_bytes; k0 += chunk) {
+          const int by = min(chunk, row_bytes - k0);
+          mbar_wait(sh.empty0 + 8 * pos.stage, pos.phase ^ 1u);
+          if (lane == 0) mbar_arrive_expect_tx(sh.full0 + 8 * pos.stage, by * 16);
+          __syncwarp();
+          if (lane < 16) bulk_copy(sh.ring + pos.stage * kStreamStageBytes + lane * kStreamPitch, base + ((size_t)e * rows + t * 16 + lane) * row_bytes + k0, by, sh.full0 + 8 * pos.stage, pol);
+          pos.next(stages);
+        }
+    return;
+  }
+  int acc = 0;
+  for (int t = blockIdx.x; t < tiles; t += gridDim.x)
+    for (int e = 0; e < nexp; ++e)
+      for (int k0 = 0; k0 < row_bytes; k0 += chunk) {
+        mbar_wait(sh.full0 + 8 * pos.stage, pos.phase);
+        acc += sh.ring_ptr[pos.stage * kStreamStageBytes + threadIdx.x];
+        mbar_arrive(sh.empty0 + 8 * pos.stage);
+        pos.next(stages);
+      }
+  if (acc == 123456) sink[0] = acc;
+}
+
 // The route op's block routine alone (one CTA), for the unfused reference: route -> gate_up -> down.
 __global__ void __launch_bounds__(kStreamThreads) route_only_kernel(const float* logits, allocmoe::cuda::RouteArgs a, int* ids, float* w) {
   extern __shared__ __align__(16) uint32_t scratch[];
@@ -99,6 +138,13 @@ __global__ void normal_read_kernel(const uint4* src, size_t n, int* sink) {
     a ^= v.x ^ v.y ^ v.z ^ v.w;
   }
   if (a == 0x12345678u) sink[0] = 1;
+}
+
+// Writes %globaltimer to s[i]: brackets a call in bench-like timings (launch gap, spread, tail).
+__global__ void stamp_kernel(unsigned long long* s, int i) {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  s[i] = t;
 }
 
 int main(int argc, char** argv) {
@@ -161,6 +207,19 @@ int main(int argc, char** argv) {
       float u4 = time_graph([&](int i) { ring_read_kernel<<<sms, kStreamThreads, StreamSmem(1, 64).total(stg), st>>>(a + (i % 8) * (nb / 8) / 4096 * 4096, small, stg, sink); }, 20);
       printf("ring read %.1f MB stages=%d: %.1f us = %.0f GB/s\n", small / 1e6, stg, u4, small / u4 / 1e3);
     }
+    // access patterns (no compute), ~277 MB: down-shaped units (2048 rows x 2816 B: 128 tiles of
+    // 16 rows for 132 CTAs), 132 tiles, 4 KB rows, 1 KB rows (a stage is 16 contiguous KB)
+    CK(cudaFuncSetAttribute(pattern_read_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+    struct Pat { const char* name; int rows, row_bytes, nexp, chunk; };
+    Pat pats[] = {{"down 2048x2816 x48 (128 tiles)", 2048, 2816, 48, 1024}, {"2112x2816 x47 (132 tiles)", 2112, 2816, 47, 1024},
+                  {"2048x4096 x33", 2048, 4096, 33, 1024}, {"2048x1024 x132 (contiguous stages)", 2048, 1024, 132, 1024}};
+    for (auto& pt : pats) {
+      const double by = (double)pt.nexp * pt.rows * pt.row_bytes;
+      for (int stg : {8}) {
+        float u5 = time_graph([&](int i) { pattern_read_kernel<<<sms, kStreamThreads, StreamSmem(1, 64).total(stg), st>>>(a + (i % 2) * (nb / 2), pt.nexp, pt.rows, pt.row_bytes, pt.chunk, stg, sink); }, 10);
+        printf("pattern %s stages=%d: %.1f us = %.0f GB/s\n", pt.name, stg, u5, by / u5 / 1e3);
+      }
+    }
     CK(cudaFree(a)); CK(cudaFree(b));
   }
   auto run_case = [&](int T, int K, int which, int stages_cap) {
@@ -182,8 +241,8 @@ int main(int argc, char** argv) {
       StreamParams p{x, gu[l], dn[l], w, ids + l * T * K, act, out, T, K, E, H, I, 0};
       cudaLaunchAttribute attr[1]; attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization; attr[0].val.programmaticStreamSerializationAllowed = 1;
       cudaLaunchConfig_t cfg = {}; cfg.gridDim = dim3(sms); cfg.blockDim = dim3(kStreamThreads); cfg.stream = st; cfg.attrs = attr; cfg.numAttrs = 1;
-      const StreamSmem lg(T, H), ld(stream_act_rows(T, K), I);
-      auto stg = [&](const StreamSmem& lay) { int room = optin - lay.ring_at; return std::min(stages_cap, std::min(kStreamMaxStages, room / kStreamStageBytes)); };
+      const StreamSmem lg(T, H), ld = stream_down_smem(T, K, I);
+      auto stg = [&](const StreamSmem& lay) { return std::min(stages_cap, lay.fit_stages(optin)); };
       if (which & 1) {
         p.stages = stg(lg); cfg.dynamicSmemBytes = lg.total(p.stages);
         if (T <= 8) CK(cudaLaunchKernelEx(&cfg, stream_gate_up_kernel<bf, 1>, p)); else CK(cudaLaunchKernelEx(&cfg, stream_gate_up_kernel<bf, 2>, p));
@@ -205,10 +264,10 @@ int main(int argc, char** argv) {
       StreamParams p{x, gu[l], dn[l], w, id, act, o, T, K, E, H, I, 0, y};
       cudaLaunchAttribute attr[1]; attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization; attr[0].val.programmaticStreamSerializationAllowed = 1;
       cudaLaunchConfig_t cfg = {}; cfg.gridDim = dim3(sms); cfg.blockDim = dim3(kStreamThreads); cfg.stream = st; cfg.attrs = attr; cfg.numAttrs = 1;
-      const StreamSmem lg(stream_x_rows(T), H), ld(stream_act_rows(T, K), I);
-      p.stages = std::min(kStreamMaxStages, (optin - lg.ring_at) / kStreamStageBytes); cfg.dynamicSmemBytes = lg.total(p.stages);
+      const StreamSmem lg(stream_x_rows(T), H), ld = stream_down_smem(T, K, I);
+      p.stages = lg.fit_stages(optin); cfg.dynamicSmemBytes = lg.total(p.stages);
       if (T <= 8) CK(cudaLaunchKernelEx(&cfg, stream_gate_up_kernel<bf, 1>, p)); else CK(cudaLaunchKernelEx(&cfg, stream_gate_up_kernel<bf, 2>, p));
-      p.stages = std::min(kStreamMaxStages, (optin - ld.ring_at) / kStreamStageBytes); cfg.dynamicSmemBytes = ld.total(p.stages);
+      p.stages = ld.fit_stages(optin); cfg.dynamicSmemBytes = ld.total(p.stages);
       if (T <= 8) CK(cudaLaunchKernelEx(&cfg, stream_down_kernel<bf, 1>, p)); else CK(cudaLaunchKernelEx(&cfg, stream_down_kernel<bf, 2>, p));
       if (!stream_x_resident(T)) {
         cfg.gridDim = dim3(T); cfg.blockDim = dim3(256); cfg.dynamicSmemBytes = 0;
@@ -236,6 +295,8 @@ int main(int argc, char** argv) {
     };
     std::vector<float> hw2(TMAX * KMAX); for (auto& v : hw2) v = std::uniform_real_distribution<float>(0.1f, 1.f)(rng);
     CK(cudaMemcpy(w, hw2.data(), hw2.size() * 4, cudaMemcpyHostToDevice));
+    const bool flushed_mode = argc > 2 && strcmp(argv[2], "flushed") == 0;
+    if (!flushed_mode) {
     int cases[][3] = {{1, 6, 0}, {16, 6, 0}, {17, 6, 0}, {32, 6, 0}, {48, 6, 0}, {64, 6, 0}, {64, 8, 0}, {40, 4, 1}, {64, 8, 1}};
     for (auto& cs : cases) {
       const int T = cs[0], K = cs[1]; const bool skew = cs[2];
@@ -257,6 +318,50 @@ int main(int argc, char** argv) {
       float us_s = time_graph([&](int i) { stream_pair(T, K, i % L, ids + (i % L) * T * K, out); }, 40);
       float us_k = time_graph([&](int i) { skinny(T, K, i % L, ids + (i % L) * T * K, out); }, 40);
       printf("mid time T=%2d K=%d: stream %.1f us, skinny %.1f us\n", T, K, us_s, us_k);
+    }
+    }
+    // bench-like: an L2 flush before each single call, events around it (what bench_layer.py does),
+    // and %globaltimer stamps before / after with the per-CTA trace of the last call.
+    if (flushed_mode) {
+      char* fl; CK(cudaMalloc(&fl, 200 << 20)); CK(cudaMemset(fl, 1, 200 << 20));
+      unsigned long long* stamps; CK(cudaMalloc(&stamps, 64));
+      const char* names[8] = {"gu entry", "gu lists", "gu x staged", "gu end", "dn entry", "dn lists", "dn waited", "dn end"};
+      auto flushed = [&](const char* what, int T, auto&& call, bool trace) {
+        std::vector<float> ts; std::vector<double> span;
+        for (int r = 0; r < 50; ++r) {
+          CK(cudaMemsetAsync(tr, 0, 8 * 1024 * 8, st));
+          normal_read_kernel<<<sms * 4, 512, 0, st>>>((const uint4*)fl, (200 << 20) / 16, sink);
+          stamp_kernel<<<1, 1, 0, st>>>(stamps, 0);
+          CK(cudaEventRecord(e0, st)); call(r); CK(cudaEventRecord(e1, st));
+          stamp_kernel<<<1, 1, 0, st>>>(stamps, 1);
+          CK(cudaEventSynchronize(e1)); CK(cudaStreamSynchronize(st));
+          float ms; CK(cudaEventElapsedTime(&ms, e0, e1));
+          unsigned long long hs[2]; CK(cudaMemcpy(hs, stamps, 16, cudaMemcpyDeviceToHost));
+          if (r >= 10) ts.push_back(ms * 1000.f), span.push_back((hs[1] - hs[0]) / 1000.0);
+          if (r == 49 && trace) {
+            std::vector<unsigned long long> ht(8 * 1024); CK(cudaMemcpy(ht.data(), tr, ht.size() * 8, cudaMemcpyDeviceToHost));
+            printf("  trace %s T=%d (us from the stamp before; stamp after at %.2f): min / median / max\n", what, T, (hs[1] - hs[0]) / 1000.0);
+            for (int ev = 0; ev < 8; ++ev) {
+              std::vector<double> v; for (int b = 0; b < sms; ++b) if (ht[ev * 1024 + b] > hs[0]) v.push_back((ht[ev * 1024 + b] - hs[0]) / 1000.0);
+              std::sort(v.begin(), v.end());
+              if (!v.empty()) printf("    %-12s %7.2f %7.2f %7.2f  %zu\n", names[ev], v.front(), v[v.size() / 2], v.back(), v.size());
+            }
+          }
+        }
+        std::sort(ts.begin(), ts.end()); std::sort(span.begin(), span.end());
+        printf("flushed %-7s T=%2d: events %.1f us, stamp to stamp %.1f us\n", what, T, ts[ts.size() / 2], span[span.size() / 2]);
+      };
+      for (int T : {1, 4, 16, 32, 64}) {
+        const int K = 6;
+        make_ids(T, K, false, ids, L);
+        flushed("stream", T, [&](int r) { stream_pair(T, K, r % L, ids + (r % L) * T * K, out); }, true);
+        if (T >= 16) flushed("skinny", T, [&](int r) { skinny(T, K, r % L, ids + (r % L) * T * K, out); }, false);
+        float us_s = time_graph([&](int i) { stream_pair(T, K, i % L, ids + (i % L) * T * K, out); }, 40);
+        printf("graph40 stream T=%2d: %.1f us\n", T, us_s);
+      }
+      CK(cudaDeviceSynchronize());
+      printf("done\n");
+      return 0;
     }
     // trace of the stream pair at T=64 K=6
     make_ids(64, 6, false, ids, L);
@@ -292,10 +397,10 @@ int main(int argc, char** argv) {
     decode_down_kernel<bf, 2><<<dim3(H / 16, used_max), kDecodeThreads, ds.total_bytes, st>>>(dp);
     CK(cudaStreamSynchronize(st));
     StreamParams p{x, gu[0], dn[0], w, ids, act, o2, T, K, E, H, I, 0};
-    const StreamSmem lg(T, H), ld(stream_act_rows(T, K), I);
-    p.stages = std::min(kStreamMaxStages, (optin - lg.ring_at) / kStreamStageBytes);
+    const StreamSmem lg(T, H), ld = stream_down_smem(T, K, I);
+    p.stages = lg.fit_stages(optin);
     if (T <= 8) stream_gate_up_kernel<bf, 1><<<sms, kStreamThreads, lg.total(p.stages), st>>>(p); else stream_gate_up_kernel<bf, 2><<<sms, kStreamThreads, lg.total(p.stages), st>>>(p);
-    p.stages = std::min(kStreamMaxStages, (optin - ld.ring_at) / kStreamStageBytes);
+    p.stages = ld.fit_stages(optin);
     if (T <= 8) stream_down_kernel<bf, 1><<<sms, kStreamThreads, ld.total(p.stages), st>>>(p); else stream_down_kernel<bf, 2><<<sms, kStreamThreads, ld.total(p.stages), st>>>(p);
     CK(cudaStreamSynchronize(st));
     std::vector<bf> a(T * H), b(T * H);
@@ -317,10 +422,10 @@ int main(int argc, char** argv) {
       StreamParams p{x, gu[l], dn[l], w, ids + l * T * K, act, out, T, K, E, H, I, 0};
       cudaLaunchAttribute attr[1]; attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization; attr[0].val.programmaticStreamSerializationAllowed = 1;
       cudaLaunchConfig_t cfg = {}; cfg.gridDim = dim3(sms); cfg.blockDim = dim3(kStreamThreads); cfg.stream = st; cfg.attrs = attr; cfg.numAttrs = 1;
-      const StreamSmem lg(T, H), ld(stream_act_rows(T, K), I);
-      p.stages = std::min(kStreamMaxStages, (optin - lg.ring_at) / kStreamStageBytes); cfg.dynamicSmemBytes = lg.total(p.stages);
+      const StreamSmem lg(T, H), ld = stream_down_smem(T, K, I);
+      p.stages = lg.fit_stages(optin); cfg.dynamicSmemBytes = lg.total(p.stages);
       CK(cudaLaunchKernelEx(&cfg, stream_gate_up_kernel<bf, 1>, p));
-      p.stages = std::min(kStreamMaxStages, (optin - ld.ring_at) / kStreamStageBytes); cfg.dynamicSmemBytes = ld.total(p.stages);
+      p.stages = ld.fit_stages(optin); cfg.dynamicSmemBytes = ld.total(p.stages);
       CK(cudaLaunchKernelEx(&cfg, stream_down_kernel<bf, 1>, p));
     }
     CK(cudaStreamSynchronize(st));
@@ -354,7 +459,7 @@ int main(int argc, char** argv) {
       StreamMoeParams m{StreamParams{x, gu[l], dn[l], nullptr, nullptr, act, o, T, K, E, H, I, 0}, logits + l * TMAX * E,
                         softmax_args(T, E, K, n_total)};
       const StreamSmem lay = stream_moe_smem(T, K, H, I);
-      m.e.stages = std::min(fused_cap, std::min(kStreamMaxStages, (optin - lay.ring_at) / kStreamStageBytes));
+      m.e.stages = std::min(fused_cap, lay.fit_stages(optin));
       cudaLaunchAttribute attr[1]; attr[0].id = cudaLaunchAttributeCooperative; attr[0].val.cooperative = 1;
       cudaLaunchConfig_t cfg = {}; cfg.gridDim = dim3(sms); cfg.blockDim = dim3(kStreamThreads); cfg.stream = st; cfg.attrs = attr; cfg.numAttrs = fused_coop ? 1 : 0;
       cfg.dynamicSmemBytes = lay.total(m.e.stages);
@@ -367,10 +472,10 @@ int main(int argc, char** argv) {
       StreamParams p{x, gu[l], dn[l], rw + l * TMAX * KMAX, rids + l * TMAX * KMAX, act, o, T, K, E, H, I, 0};
       cudaLaunchAttribute attr[1]; attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization; attr[0].val.programmaticStreamSerializationAllowed = 1;
       cudaLaunchConfig_t cfg = {}; cfg.gridDim = dim3(sms); cfg.blockDim = dim3(kStreamThreads); cfg.stream = st; cfg.attrs = attr; cfg.numAttrs = 1;
-      const StreamSmem lg(T, H), ld(stream_act_rows(T, K), I);
-      p.stages = std::min(kStreamMaxStages, (optin - lg.ring_at) / kStreamStageBytes); cfg.dynamicSmemBytes = lg.total(p.stages);
+      const StreamSmem lg(T, H), ld = stream_down_smem(T, K, I);
+      p.stages = lg.fit_stages(optin); cfg.dynamicSmemBytes = lg.total(p.stages);
       if (T <= 8) CK(cudaLaunchKernelEx(&cfg, stream_gate_up_kernel<bf, 1>, p)); else CK(cudaLaunchKernelEx(&cfg, stream_gate_up_kernel<bf, 2>, p));
-      p.stages = std::min(kStreamMaxStages, (optin - ld.ring_at) / kStreamStageBytes); cfg.dynamicSmemBytes = ld.total(p.stages);
+      p.stages = ld.fit_stages(optin); cfg.dynamicSmemBytes = ld.total(p.stages);
       if (T <= 8) CK(cudaLaunchKernelEx(&cfg, stream_down_kernel<bf, 1>, p)); else CK(cudaLaunchKernelEx(&cfg, stream_down_kernel<bf, 2>, p));
     };
     CK(cudaFuncSetAttribute(route_only_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, 64 * 1024));

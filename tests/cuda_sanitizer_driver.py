@@ -1,5 +1,5 @@
 """Small driver for compute-sanitizer (memcheck, racecheck): every CUDA path of route and moe once, and the
-experts op's stream path past 16 tokens."""
+experts op's stream path with act in the stages and past 16 tokens."""
 
 import os
 
@@ -24,10 +24,11 @@ os.environ["ALLOCMOE_MOE_PATH"] = "stream"
 for T, K, budget in ((1, 6, 3.0), (4, 6, 24 / 4), (16, 8, 5.0)):  # router logits in; resident and double-buffered act
     ops.moe(torch.randn(T, H, device="cuda").bfloat16(), None, torch.randn(E, 2 * I, H, device="cuda").bfloat16(),
             torch.randn(E, H, I, device="cuda").bfloat16(), K, budget, router_logits=torch.randn(T, E, device="cuda"))
-# The experts op's stream path past 16 tokens: x and act staged per (expert, pass), expert-major
-# down into y, combine; uneven (skewed) expert loads with several passes.
+# The experts op's stream path: act rows copied into the stages by the second producer warp
+# (T=8), and past 16 tokens x staged per (expert, pass), expert-major down into y, combine;
+# uneven (skewed) expert loads with several passes.
 os.environ["ALLOCMOE_EXPERTS_PATH"] = "stream"
-for T, E, K in ((40, 16, 4), (64, 8, 8)):
+for T, E, K in ((8, 16, 6), (40, 16, 4), (64, 8, 8)):
     ids = torch.stack([torch.randperm(E, device="cuda")[:K] for _ in range(T)]).int()
     if T == 64:
         ids[:, :] = torch.arange(K, device="cuda", dtype=torch.int32)

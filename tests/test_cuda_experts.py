@@ -171,7 +171,10 @@ def test_long_reductions(T, E, K, H, I, path, monkeypatch):
         (16, 64, 6, 2048, 1408, False),  # two n tiles, x of 16 tokens in shared memory
         (16, 8, 8, 256, 96, True),  # 16 pairs on each of 8 experts
         (16, 128, 2, 4096, 64, False),  # x at its largest (16 x 4096): a shallower ring
-        # past 16 tokens: x and act staged per (expert, pass), expert-major down into y + combine
+        (5, 16, 6, 256, 4096, False),  # T*K = 30: act resident in shared memory (5 rows of 4096)
+        (6, 16, 6, 256, 4096, False),  # T*K = 36: act rows copied into the stages next to the weights
+        (12, 24, 6, 512, 8192, True),  # act in the stages, a wide I (8 stages per down unit)
+        # past 16 tokens: x staged per (expert, pass), act in the stages, expert-major down into y + combine
         (17, 64, 6, 2048, 1408, False),
         (33, 60, 4, 1024, 704, False),
         (64, 64, 6, 2048, 1408, False),  # DeepSeek-V2-Lite at T=64
@@ -215,7 +218,7 @@ def test_stream_past_16_tokens_runs_three_launches(monkeypatch):
 
 @pytest.mark.parametrize("T,E,K", [(65, 8, 2), (64, 513, 8), (3, 513, 2)])
 def test_stream_path_limits(T, E, K, monkeypatch):
-    """At and past the stream path's limits (T > 64; E > 512 with T*K > 288, the counting list
+    """At and past the stream path's limits (T > 64; E > 512 with T*K > 320, the counting list
     builder's; E = 513 at T*K = 6 stays on the stream path) a forced stream path computes the
     right result (past them on the decode kernels)."""
     inputs = make_inputs(T, E, K, 256, 64, torch.bfloat16, seed=T + E)

@@ -2,7 +2,7 @@
 //
 // Five paths, chosen on the host from shapes only (never from the routing data, so no sync):
 //   - stream (experts_stream.cuh): T <= kStreamMaxTokens (64) on the standard case (bf16/fp16,
-//     silu, no biases, contiguous weights, H and I multiples of 32; E <= 512 past T*K = 288) on
+//     silu, no biases, contiguous weights, H and I multiples of 32; E <= 512 past T*K = 320) on
 //     sm_90: two persistent launches (three past 16 tokens) that feed the selected experts'
 //     weights through bulk copies into a deep shared-memory ring; memory-bound, aims at the
 //     bandwidth floor. Auto takes it up to kStreamAutoMaxTokens only: past 16 tokens it beat
@@ -247,15 +247,8 @@ void run_decode(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor
 
 using cuda::DeviceInfo;
 
-// Shared memory of the two stream launches: x rows (all T, or one pass's), or act rows.
-StreamSmem stream_gate_up_smem(int T, int H) { return StreamSmem(stream_x_rows(T), H); }
-StreamSmem stream_down_smem(int T, int K, int I) { return StreamSmem(stream_act_rows(T, K), I); }
-
-// Ring depth of a stream launch: as many stages as the shared memory holds, up to the maximum.
-int stream_stages(const StreamSmem& lay, const DeviceInfo& d) {
-  const int room = d.smem_optin - lay.ring_at;
-  return std::min(kStreamMaxStages, room < 0 ? 0 : room / kStreamStageBytes);
-}
+// Ring depth of a stream launch (layouts: stream_gate_up_smem / stream_down_smem).
+int stream_stages(const StreamSmem& lay, const DeviceInfo& d) { return lay.fit_stages(d.smem_optin); }
 
 bool stream_fits(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const DeviceInfo& d) {
   if (d.major < 9 || T > kStreamMaxTokens || T * K > kStreamMaxSlots || H > 65536 || I > 65536) return false;

@@ -8,7 +8,8 @@
 // the copy engine of each SM (cp.async.bulk, "TMA" without a tensor map) into a deep ring of
 // shared memory, so that 70-220 KB per SM are in flight whatever the warps are doing.
 //
-// Two persistent launches of one CTA per SM (8 consumer warps + 1 producer warp):
+// Two persistent launches of one CTA per SM (8 consumer warps + a weight producer warp + an
+// operand producer warp, which only the down phase with act in the stages uses):
 //   1. gate_up: work items (j-th used expert, 8 intermediate rows). A stage holds 16 weight rows
 //      x 512 k: gate rows r..r+7 then up rows I+r..I+r+7, so one m16 tile has the gate and the up
 //      value of a row in the same thread (SiLU*up needs no exchange). The tokens (B operand, 8
@@ -21,10 +22,12 @@
 //      every used expert in turn, so the sum over a token's experts stays in the CTA: no partial
 //      outputs in memory, no cross-CTA reduction, deterministic. Beyond, "expert-major" (see
 //      consume_down_by_expert): items like gate_up's, per-slot results into y, and a third
-//      launch (combine_slots_kernel) sums each token's slots. The producer starts streaming as soon as the CTA is resident,
-//      before the gate_up grid has finished; the consumers wait for it (griddepcontrol.wait)
-//      only before they read act, so the ring fills up during the hand-over. The act rows of
-//      the next expert are fetched (cp.async) while the current one is multiplied.
+//      launch (combine_slots_kernel) sums each token's slots. The weight producer starts
+//      streaming as soon as the CTA is resident, before the gate_up grid has finished. The act
+//      rows (the B operand) stay in shared memory when all of them fit (T*K <= 32); otherwise a
+//      second producer warp copies each stage's act pieces into the stage next to its weight
+//      rows, once the gate_up grid is done (griddepcontrol.wait), so they arrive as far ahead
+//      of the consumers as the weights do (stream_down_staged).
 // Inside a stage the 8 consumer warps split k (32-wide chunks), multiply with mma.sync m16n8k16
 // on the permuted-k fragments of experts_mma.cuh (a thread reads 16 contiguous bytes of rows g
 // and g+8 and of its token), and meet in shared memory in warp order at the end of an item.
@@ -40,7 +43,9 @@ namespace allocmoe::cuda_experts {
 
 constexpr int kStreamConsumerWarps = 8;
 constexpr int kStreamConsumers = kStreamConsumerWarps * 32;
-constexpr int kStreamThreads = kStreamConsumers + 32;  // + the producer warp
+// + the weight producer warp + the operand producer warp (down phase with act in the stages)
+constexpr int kStreamThreads = kStreamConsumers + 64;
+constexpr int kStreamWeightWarp = kStreamConsumerWarps, kStreamOperandWarp = kStreamConsumerWarps + 1;
 constexpr int kStreamRows = 16;                          // weight rows per stage: one m16 tile
 #ifndef ALLOCMOE_STREAM_CHUNK  // bench/stream_kernel_harness.cu tries other widths with it
 #define ALLOCMOE_STREAM_CHUNK 512
@@ -133,15 +138,39 @@ struct StreamSmem {
   static constexpr int kRouteAt = kOutAccAt + kStreamMaxTokens * 16 * 4;
   static constexpr int kOperandAt = (kRouteAt + 2 * kStreamMaxSlots * 4 + 127) / 128 * 128;
   int pitch, ring_at;
-  __host__ __device__ StreamSmem(int operand_rows, int operand_len) {
+  int stage_bytes = kStreamStageBytes;  // 16 weight rows, + the operand rows copied with them
+  // operand_rows of operand_len elements in the operand area; staged_rows operand rows in every
+  // stage after its weight rows (the down phase with act in the stages).
+  __host__ __device__ StreamSmem(int operand_rows, int operand_len, int staged_rows = 0) {
     pitch = stream_row_pitch(operand_len);
     ring_at = (kOperandAt + operand_rows * pitch + 127) / 128 * 128;
+    stage_bytes = (kStreamRows + staged_rows) * kStreamPitch;
   }
   // Operand area of operand_bytes holding rows of several pitches (the fused moe kernel).
   __host__ __device__ explicit StreamSmem(int operand_bytes)
       : pitch(0), ring_at((kOperandAt + operand_bytes + 127) / 128 * 128) {}
-  __host__ __device__ int total(int stages) const { return ring_at + stages * kStreamStageBytes; }
+  __host__ __device__ int total(int stages) const { return ring_at + stages * stage_bytes; }
+  // Ring depth: as many stages as smem_limit bytes hold, up to kStreamMaxStages.
+  __host__ __device__ int fit_stages(int smem_limit) const {
+    const int room = smem_limit - ring_at, n = room < 0 ? 0 : room / stage_bytes;
+    return n < kStreamMaxStages ? n : kStreamMaxStages;
+  }
 };
+
+// The down phase copies act rows into every stage next to the weight rows (a second producer
+// warp, once the gate_up grid is done), except when all of act stays in shared memory (T <=
+// kStreamXRows, T*K <= kStreamResidentSlots). Measured on H100 (bench/stream_kernel_harness.cu
+// mid flushed, DeepSeek-V2-Lite shape): staging act through the consumers (cp.async one unit
+// ahead, or per (expert, pass)) held the down phase at 2.5-2.6 TB/s at T = 16..64 while gate_up
+// ran at 3.05 and the same access pattern without compute at 3.08: an L2 round trip under full
+// HBM load outlasts a unit.
+__host__ __device__ constexpr bool stream_down_staged(int T, int K) {
+  return !(T <= kStreamXRows && T * K <= kStreamResidentSlots);
+}
+__host__ __device__ inline StreamSmem stream_gate_up_smem(int T, int H) { return StreamSmem(stream_x_rows(T), H); }
+__host__ __device__ inline StreamSmem stream_down_smem(int T, int K, int I) {
+  return stream_down_staged(T, K) ? StreamSmem(0, I, stream_pairs_per_pass(T)) : StreamSmem(stream_act_rows(T, K), I);
+}
 
 // ---------------------------------------------------------------------------------------------
 // mbarrier and bulk-copy primitives (sm_90; empty bodies when compiled for older targets, which
@@ -180,14 +209,18 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
   } while (!done);
 #endif
 }
-// L2 policy for weights read exactly once: evict them first, keep x / act / y resident.
-__device__ __forceinline__ uint64_t evict_first_policy() {
+// L2 policies of the bulk copies: weights are read exactly once (evict them first, keep x / act
+// / y resident); act rows copied into the stages are read again for every tile (normal).
+__device__ __forceinline__ uint64_t l2_policy(bool evict_first) {
   uint64_t policy = 0;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  if (evict_first) asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  else asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(policy));
 #endif
   return policy;
 }
+__device__ __forceinline__ uint64_t evict_first_policy() { return l2_policy(true); }
+__device__ __forceinline__ uint64_t evict_normal_policy() { return l2_policy(false); }
 // global -> shared bulk copy (bytes % 16 == 0, both addresses 16-byte aligned) that reports its
 // bytes to the mbarrier `bar`.
 __device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar,
@@ -355,7 +388,7 @@ __device__ __forceinline__ StreamLists build_stream_lists(const int* __restrict_
 // ---------------------------------------------------------------------------------------------
 struct Producer {
   uint32_t full0, empty0, ring;
-  int stages;
+  int stages, stage_bytes;
   uint64_t policy;
   RingPos pos;
   // row: this lane's weight row (lanes >= kStreamRows pass anything; it is not read).
@@ -369,19 +402,40 @@ struct Producer {
         if (lane == 0) mbar_arrive_expect_tx(full0 + 8 * pos.stage, bytes * kStreamRows);
         __syncwarp();
         if (lane < kStreamRows)
-          bulk_copy(ring + pos.stage * kStreamStageBytes + lane * kStreamPitch, src + (size_t)k0 * 2, bytes,
+          bulk_copy(ring + pos.stage * stage_bytes + lane * kStreamPitch, src + (size_t)k0 * 2, bytes,
                     full0 + 8 * pos.stage, policy);
         pos.next(stages);
       }
   }
+  // The operand producer's part of the same unit: for each pass, the act rows of its npass pairs
+  // (row pl at src + row_of(pl) * kdim) into rows kStreamRows + pl of each stage.
+  template <typename T, typename RowFn>
+  __device__ __forceinline__ void operand_unit(const T* src, int kdim, int npairs, int per_pass, RowFn row_of) {
+    const int lane = threadIdx.x & 31;
+    for (int p0 = 0; p0 < npairs; p0 += per_pass) {
+      const int npass = min(per_pass, npairs - p0);
+      const T* row = lane < npass ? src + (size_t)row_of(p0 + lane) * kdim : src;
+      for (int k0 = 0; k0 < kdim; k0 += kStreamChunk) {
+        const uint32_t bytes = static_cast<uint32_t>(min(kStreamChunk, kdim - k0)) * sizeof(T);
+        mbar_wait(empty0 + 8 * pos.stage, pos.phase ^ 1u);
+        if (lane == 0) mbar_arrive_expect_tx(full0 + 8 * pos.stage, bytes * npass);
+        __syncwarp();
+        if (lane < npass)
+          bulk_copy(ring + pos.stage * stage_bytes + (kStreamRows + lane) * kStreamPitch, row + k0, bytes,
+                    full0 + 8 * pos.stage, policy);
+        pos.next(stages);
+      }
+    }
+  }
 };
 
 // Consumers: one pass (NT*8 pairs) of one item. brow[nt] points at this thread's token row
-// (element 8c of it); kShared: it lives in shared memory (x), else in global memory (act).
-template <typename T, int NT, bool kShared>
+// (element 8c of it); kShared: it lives in shared memory (x), else in global memory (act);
+// kStaged: the token rows come in each stage after its weight rows (brow unused).
+template <typename T, int NT, bool kShared, bool kStaged = false>
 __device__ __forceinline__ void consume_pass(float (&acc)[NT][4], const T* const (&brow)[NT], int npass, int kdim,
                                              uint32_t full0, uint32_t empty0, const unsigned char* ring, int stages,
-                                             RingPos& pos) {
+                                             int stage_bytes, RingPos& pos) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt)
@@ -391,18 +445,33 @@ __device__ __forceinline__ void consume_pass(float (&acc)[NT][4], const T* const
   for (int k0 = 0; k0 < kdim; k0 += kStreamChunk) {
     const int nch = min(kStreamChunk, kdim - k0) / 32;
     uint4 b[kStreamChunksPerWarp][NT];
+    if (!kStaged) {
 #pragma unroll
-    for (int u = 0; u < kStreamChunksPerWarp; ++u) {
-      const int ch = warp + u * kStreamConsumerWarps;
+      for (int u = 0; u < kStreamChunksPerWarp; ++u) {
+        const int ch = warp + u * kStreamConsumerWarps;
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const bool live = ch < nch && (NT == 1 || nt * 8 < npass);
-        const T* src = brow[nt] + k0 + ch * 32;
-        b[u][nt] = !live ? zero : (kShared ? load_shared16(src) : load_cached16(src));
+        for (int nt = 0; nt < NT; ++nt) {
+          const bool live = ch < nch && (NT == 1 || nt * 8 < npass);
+          const T* src = brow[nt] + k0 + ch * 32;
+          b[u][nt] = !live ? zero : (kShared ? load_shared16(src) : load_cached16(src));
+        }
       }
     }
     mbar_wait(full0 + 8 * pos.stage, pos.phase);
-    const unsigned char* st = ring + pos.stage * kStreamStageBytes;
+    const unsigned char* st = ring + pos.stage * stage_bytes;
+    if (kStaged) {  // rows past npass hold older data: read row 0 there (its columns are dropped)
+#pragma unroll
+      for (int u = 0; u < kStreamChunksPerWarp; ++u) {
+        const int ch = warp + u * kStreamConsumerWarps;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          const int pr = nt * 8 + g < npass ? nt * 8 + g : 0;
+          b[u][nt] = ch < nch && (NT == 1 || nt * 8 < npass)
+                         ? load_shared16(st + (kStreamRows + pr) * kStreamPitch + (ch * 32 + 8 * c) * 2)
+                         : zero;
+        }
+      }
+    }
 #pragma unroll
     for (int u = 0; u < kStreamChunksPerWarp; ++u) {
       const int ch = warp + u * kStreamConsumerWarps;
@@ -444,12 +513,16 @@ struct StreamShared {
   unsigned char* ring_ptr;
   float* red;
   int* lists;
-  int stages;
+  int stages, stage_bytes;
+  __device__ __forceinline__ Producer producer(uint64_t policy) const {
+    return Producer{full0, empty0, ring, stages, stage_bytes, policy, {}};
+  }
 };
 
-// Barrier setup: full barriers get one arrival (the producer's expect_tx) plus the bytes,
-// empty barriers one arrival per consumer thread.
-__device__ __forceinline__ StreamShared stream_shared(unsigned char* smem, const StreamSmem& lay, int stages) {
+// Barrier setup: full barriers get one arrival per producer warp (its expect_tx) plus the
+// bytes, empty barriers one arrival per consumer thread.
+__device__ __forceinline__ StreamShared stream_shared(unsigned char* smem, const StreamSmem& lay, int stages,
+                                                      int producers = 1) {
   StreamShared s;
   s.full0 = smem_addr(smem);
   s.empty0 = s.full0 + 8 * kStreamMaxStages;
@@ -458,9 +531,10 @@ __device__ __forceinline__ StreamShared stream_shared(unsigned char* smem, const
   s.red = reinterpret_cast<float*>(smem + StreamSmem::kRedAt);
   s.lists = reinterpret_cast<int*>(smem + StreamSmem::kListsAt);
   s.stages = stages;
+  s.stage_bytes = lay.stage_bytes;
   if (threadIdx.x == 0) {
     for (int i = 0; i < stages; ++i) {
-      mbar_init(s.full0 + 8 * i, 1);
+      mbar_init(s.full0 + 8 * i, producers);
       mbar_init(s.empty0 + 8 * i, kStreamConsumers);
     }
     mbar_init_fence();
@@ -579,7 +653,7 @@ __device__ __forceinline__ void consume_gate_up(const StreamParams& p, const Str
         brow[nt] = reinterpret_cast<const T*>(xs + (size_t)row * x_pitch) + 8 * c;
       }
       float acc[NT][4];
-      consume_pass<T, NT, true>(acc, brow, npass, H, sh.full0, sh.empty0, sh.ring_ptr, sh.stages, pos);
+      consume_pass<T, NT, true>(acc, brow, npass, H, sh.full0, sh.empty0, sh.ring_ptr, sh.stages, sh.stage_bytes, pos);
       stash_partials<NT>(sh.red, acc);
       consumers_sync();
       for (int idx = tid; idx < npass * 8; idx += kStreamConsumers) {
@@ -619,12 +693,28 @@ __device__ __forceinline__ void produce_down(const StreamParams& p, const Stream
     }
 }
 
+// The operand producer of the staged tile-major down phase: the act rows of each unit, in
+// produce_down's order. act is the gate_up grid's output: waits for it first.
+template <typename T, int NT>
+__device__ __forceinline__ void produce_down_act(const StreamParams& p, const StreamLists& L, Producer& prod) {
+  const int tiles = p.H / kStreamRows;
+  const T* act = static_cast<const T*>(p.act);
+  wait_for_previous_grid();
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x)
+    for (int j = 0; j < L.nused; ++j) {
+      const int s0 = L.start[j];
+      prod.operand_unit(act, p.I, L.start[j + 1] - s0, NT * 8, [&](int pl) { return L.list[s0 + pl]; });
+    }
+}
+
 // The down phase's consumers; act must be complete and visible once wait_for_previous_grid()
 // returns (the experts op: the gate_up grid; the fused kernel: the grid barrier came before).
-// bufs: stream_act_rows(T, K) act rows of pitch act_pitch (all of them, or two buffers of NT*8).
+// bufs: stream_act_rows(T, K) act rows of pitch act_pitch (all of them, or two buffers of NT*8);
+// staged: none, the act rows come in the stages (produce_down_act).
 template <typename T, int NT>
 __device__ __forceinline__ void consume_down(const StreamParams& p, const StreamLists& L, const StreamShared& sh,
-                                             unsigned char* smem, unsigned char* bufs, int act_pitch, RingPos& pos) {
+                                             unsigned char* smem, unsigned char* bufs, int act_pitch, RingPos& pos,
+                                             bool staged = false) {
   constexpr int kBufRows = NT * 8;
   const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, c = lane & 3;
   const int H = p.H, I = p.I, K = p.K, ntok = p.T;
@@ -649,8 +739,9 @@ __device__ __forceinline__ void consume_down(const StreamParams& p, const Stream
   STREAM_TRACE(6);
   DownUnit<NT> u{static_cast<int>(blockIdx.x), 0, 0};
   if (u.tile >= tiles) return;
-  const bool resident = stream_act_resident(ntok, K);
-  if (resident) {  // every valid slot's row, at bufs + slot * act_pitch
+  const bool resident = !staged && stream_act_resident(ntok, K);
+  if (staged) {
+  } else if (resident) {  // every valid slot's row, at bufs + slot * act_pitch
     const int vec = I / 8, nvalid = L.start[L.nused];
     for (int idx = tid; idx < nvalid * vec; idx += kStreamConsumers) {
       const int slot = L.list[idx / vec], v = idx % vec;
@@ -664,12 +755,12 @@ __device__ __forceinline__ void consume_down(const StreamParams& p, const Stream
   for (int q = 0; u.tile < tiles; ++q) {
     DownUnit<NT> nx = u;
     nx.next(L);
-    if (!resident) {
+    if (!resident && !staged) {
       if (nx.tile < tiles) load_act(nx, (q + 1) & 1);
       else cp_async_commit();  // an empty group keeps the count below uniform
       cp_async_wait<1>();      // this unit's rows have landed (the next unit's may still fly)
     }
-    consumers_sync();
+    if (!staged) consumers_sync();
 
     const int s0 = L.start[u.j], npairs = L.start[u.j + 1] - s0, npass = min(kBufRows, npairs - u.p0);
     const unsigned char* buf = bufs + (size_t)(q & 1) * kBufRows * act_pitch;
@@ -682,7 +773,11 @@ __device__ __forceinline__ void consume_down(const StreamParams& p, const Stream
       brow[nt] = reinterpret_cast<const T*>(row) + 8 * c;
     }
     float acc[NT][4];
-    consume_pass<T, NT, true>(acc, brow, npass, I, sh.full0, sh.empty0, sh.ring_ptr, sh.stages, pos);
+    if (staged)
+      consume_pass<T, NT, true, true>(acc, brow, npass, I, sh.full0, sh.empty0, sh.ring_ptr, sh.stages, sh.stage_bytes,
+                                      pos);
+    else
+      consume_pass<T, NT, true>(acc, brow, npass, I, sh.full0, sh.empty0, sh.ring_ptr, sh.stages, sh.stage_bytes, pos);
     stash_partials<NT>(sh.red, acc);
     consumers_sync();
     for (int idx = tid; idx < npass * kStreamRows; idx += kStreamConsumers) {
@@ -731,36 +826,37 @@ __device__ __forceinline__ void produce_down_by_expert(const StreamParams& p, co
   }
 }
 
-// act must be complete and visible once wait_for_previous_grid() returns (the gate_up grid).
+// The operand producer of the expert-major down phase: the act rows of each item, in
+// produce_down_by_expert's order, once the gate_up grid (act) is done.
 template <typename T, int NT>
-__device__ __forceinline__ void consume_down_by_expert(const StreamParams& p, const StreamLists& L,
-                                                       const StreamShared& sh, unsigned char* bufs, int act_pitch,
-                                                       RingPos& pos) {
-  static_assert(NT * 8 <= kStreamXRows, "a pass's act rows fit the staging area");
-  const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, c = lane & 3;
-  const int H = p.H, I = p.I, tiles = H / kStreamRows;
+__device__ __forceinline__ void produce_down_act_by_expert(const StreamParams& p, const StreamLists& L,
+                                                           Producer& prod) {
+  const int tiles = p.H / kStreamRows, n = down_item_count(L, p.H);
   const T* act = static_cast<const T*>(p.act);
   wait_for_previous_grid();
+  for (ItemIter it(n, stream_item_chunk(n, p.T)); it.more(); it.next()) {
+    const int j = it.item / tiles, s0 = L.start[j];
+    prod.operand_unit(act, p.I, L.start[j + 1] - s0, NT * 8, [&](int pl) { return L.list[s0 + pl]; });
+  }
+}
+
+// The act rows come in the stages (produce_down_act_by_expert).
+template <typename T, int NT>
+__device__ __forceinline__ void consume_down_by_expert(const StreamParams& p, const StreamLists& L,
+                                                       const StreamShared& sh, RingPos& pos) {
+  const int tid = threadIdx.x;
+  const int H = p.H, I = p.I, tiles = H / kStreamRows;
   STREAM_TRACE(6);
-  int staged_j = -1, staged_p0 = -1;
   const int n = down_item_count(L, H);
+  const T* const brow[NT] = {};  // unused: the token rows are in the stages
   for (ItemIter it(n, stream_item_chunk(n, p.T)); it.more(); it.next()) {
     const int j = it.item / tiles, tile = it.item % tiles;
     const int s0 = L.start[j], npairs = L.start[j + 1] - s0;
     for (int p0 = 0; p0 < npairs; p0 += NT * 8) {
       const int npass = min(NT * 8, npairs - p0);
-      if (j != staged_j || p0 != staged_p0) {  // nobody reads bufs now (the last pass ended at a barrier)
-        stage_rows(bufs, act_pitch, act, I, npass, [&](int pl) { return L.list[s0 + p0 + pl]; });
-        staged_j = j, staged_p0 = p0;
-      }
-      const T* brow[NT];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        const int pr = nt * 8 + g;
-        brow[nt] = reinterpret_cast<const T*>(bufs + (size_t)(pr < npass ? pr : 0) * act_pitch) + 8 * c;
-      }
       float acc[NT][4];
-      consume_pass<T, NT, true>(acc, brow, npass, I, sh.full0, sh.empty0, sh.ring_ptr, sh.stages, pos);
+      consume_pass<T, NT, true, true>(acc, brow, npass, I, sh.full0, sh.empty0, sh.ring_ptr, sh.stages,
+                                      sh.stage_bytes, pos);
       stash_partials<NT>(sh.red, acc);
       consumers_sync();
       for (int idx = tid; idx < npass * kStreamRows; idx += kStreamConsumers) {
@@ -798,8 +894,10 @@ __global__ void __launch_bounds__(kStreamThreads, 1) stream_gate_up_kernel(Strea
   if (!gate_up_items(L, p.I, p.T).more()) return;
   RingPos pos;
   if (threadIdx.x >= kStreamConsumers) {
-    Producer prod{sh.full0, sh.empty0, sh.ring, p.stages, evict_first_policy(), {}};
-    produce_gate_up<T, NT>(p, L, prod);
+    if ((threadIdx.x >> 5) == kStreamWeightWarp) {
+      Producer prod = sh.producer(evict_first_policy());
+      produce_gate_up<T, NT>(p, L, prod);
+    }
     return;
   }
   consume_gate_up<T, NT>(p, L, sh, smem + StreamSmem::kOperandAt, lay.pitch, pos);
@@ -808,8 +906,9 @@ __global__ void __launch_bounds__(kStreamThreads, 1) stream_gate_up_kernel(Strea
 template <typename T, int NT>
 __global__ void __launch_bounds__(kStreamThreads, 1) stream_down_kernel(StreamParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
-  const StreamSmem lay(stream_act_rows(p.T, p.K), p.I);
-  const StreamShared sh = stream_shared(smem, lay, p.stages);
+  const bool staged = stream_down_staged(p.T, p.K);
+  const StreamSmem lay = stream_down_smem(p.T, p.K, p.I);
+  const StreamShared sh = stream_shared(smem, lay, p.stages, staged ? 2 : 1);
   STREAM_TRACE(4);
   // ids were final before the gate_up grid started, so the lists and the weight stream need
   // not wait for it; only act and the output do.
@@ -821,25 +920,34 @@ __global__ void __launch_bounds__(kStreamThreads, 1) stream_down_kernel(StreamPa
     return;
   }
   RingPos pos;
+  const int warp = threadIdx.x >> 5;
   if (!stream_x_resident(p.T)) {  // expert-major, into y (combine_slots_kernel follows)
     allow_next_grid();
     const int n = down_item_count(L, p.H);
     if (!ItemIter(n, stream_item_chunk(n, p.T)).more()) return;
-    if (threadIdx.x >= kStreamConsumers) {
-      Producer prod{sh.full0, sh.empty0, sh.ring, p.stages, evict_first_policy(), {}};
+    if (warp == kStreamWeightWarp) {
+      Producer prod = sh.producer(evict_first_policy());
       produce_down_by_expert<T, NT>(p, L, prod);
-      return;
+    } else if (warp == kStreamOperandWarp) {
+      Producer prod = sh.producer(evict_normal_policy());
+      produce_down_act_by_expert<T, NT>(p, L, prod);
+    } else {
+      consume_down_by_expert<T, NT>(p, L, sh, pos);
     }
-    consume_down_by_expert<T, NT>(p, L, sh, smem + StreamSmem::kOperandAt, lay.pitch, pos);
     return;
   }
   if ((int)blockIdx.x >= p.H / kStreamRows) return;
-  if (threadIdx.x >= kStreamConsumers) {
-    Producer prod{sh.full0, sh.empty0, sh.ring, p.stages, evict_first_policy(), {}};
+  if (warp == kStreamWeightWarp) {
+    Producer prod = sh.producer(evict_first_policy());
     produce_down<T, NT>(p, L, prod);
-    return;
+  } else if (warp == kStreamOperandWarp) {
+    if (staged) {
+      Producer prod = sh.producer(evict_normal_policy());
+      produce_down_act<T, NT>(p, L, prod);
+    }
+  } else {
+    consume_down<T, NT>(p, L, sh, smem, smem + StreamSmem::kOperandAt, lay.pitch, pos, staged);
   }
-  consume_down<T, NT>(p, L, sh, smem, smem + StreamSmem::kOperandAt, lay.pitch, pos);
 }
 
 }  // namespace allocmoe::cuda_experts

@@ -515,8 +515,7 @@ using cuda_experts::StreamSmem;
 int stream_moe_stages(int64_t T, int64_t K, int64_t H, int64_t I, const DeviceInfo& d) {
   const StreamSmem lay = cuda_experts::stream_moe_smem(static_cast<int>(T), static_cast<int>(K), static_cast<int>(H),
                                                        static_cast<int>(I));
-  const int room = d.smem_optin - lay.ring_at;
-  return std::min(cuda_experts::kStreamMaxStages, room < 0 ? 0 : room / cuda_experts::kStreamStageBytes);
+  return lay.fit_stages(d.smem_optin);
 }
 
 // The experts op's stream preconditions (bf16/fp16, contiguous 16-byte aligned weights, H and I

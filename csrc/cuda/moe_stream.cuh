@@ -89,9 +89,11 @@ __global__ void __launch_bounds__(kStreamThreads, 1) stream_moe_kernel(StreamMoe
   }
   RingPos pos;
   if (threadIdx.x >= kStreamConsumers) {
-    Producer prod{sh.full0, sh.empty0, sh.ring, p.stages, evict_first_policy(), {}};
-    produce_gate_up<T, NT>(p, L, prod);
-    produce_down<T, NT>(p, L, prod);
+    if ((threadIdx.x >> 5) == kStreamWeightWarp) {  // the operand warp has nothing to do here
+      Producer prod = sh.producer(evict_first_policy());
+      produce_gate_up<T, NT>(p, L, prod);
+      produce_down<T, NT>(p, L, prod);
+    }
     return;
   }
   unsigned char* operands = smem + StreamSmem::kOperandAt;
