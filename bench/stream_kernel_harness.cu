@@ -147,6 +147,18 @@ __global__ void stamp_kernel(unsigned long long* s, int i) {
   s[i] = t;
 }
 
+// Per-event min / median / max / count over the CTAs of a %globaltimer trace, in us after t0.
+static void print_trace(const std::vector<unsigned long long>& ht, unsigned long long t0, int sms,
+                        const char* const* names, std::initializer_list<int> events) {
+  for (int ev : events) {
+    std::vector<double> v;
+    for (int b = 0; b < sms; ++b) if (ht[ev * 1024 + b] != 0 && ht[ev * 1024 + b] >= t0) v.push_back((ht[ev * 1024 + b] - t0) / 1000.0);
+    std::sort(v.begin(), v.end());
+    if (v.empty()) { printf("    %-14s -\n", names[ev]); continue; }
+    printf("    %-14s %7.2f %7.2f %7.2f  %zu\n", names[ev], v.front(), v[v.size() / 2], v.back(), v.size());
+  }
+}
+
 int main(int argc, char** argv) {
   const int E = 64, H = 2048, I = 1408, L = 8;
   int dev = 0; CK(cudaSetDevice(dev));
@@ -341,11 +353,7 @@ int main(int argc, char** argv) {
           if (r == 49 && trace) {
             std::vector<unsigned long long> ht(8 * 1024); CK(cudaMemcpy(ht.data(), tr, ht.size() * 8, cudaMemcpyDeviceToHost));
             printf("  trace %s T=%d (us from the stamp before; stamp after at %.2f): min / median / max\n", what, T, (hs[1] - hs[0]) / 1000.0);
-            for (int ev = 0; ev < 8; ++ev) {
-              std::vector<double> v; for (int b = 0; b < sms; ++b) if (ht[ev * 1024 + b] > hs[0]) v.push_back((ht[ev * 1024 + b] - hs[0]) / 1000.0);
-              std::sort(v.begin(), v.end());
-              if (!v.empty()) printf("    %-12s %7.2f %7.2f %7.2f  %zu\n", names[ev], v.front(), v[v.size() / 2], v.back(), v.size());
-            }
+            print_trace(ht, hs[0], sms, names, {0, 1, 2, 3, 4, 5, 6, 7});
           }
         }
         std::sort(ts.begin(), ts.end()); std::sort(span.begin(), span.end());
@@ -371,12 +379,7 @@ int main(int argc, char** argv) {
     unsigned long long t0 = ~0ull; for (int b = 0; b < sms; ++b) if (ht[b]) t0 = std::min(t0, ht[b]);
     printf("mid trace T=64 K=6 (us from first gate_up entry): event min / median / max / n\n");
     const char* names[8] = {"gu entry", "gu lists", "gu x staged", "gu end", "dn entry", "dn lists", "dn waited", "dn end"};
-    for (int ev = 0; ev < 8; ++ev) {
-      std::vector<double> v; for (int b = 0; b < sms; ++b) if (ht[ev * 1024 + b]) v.push_back((ht[ev * 1024 + b] - t0) / 1000.0);
-      std::sort(v.begin(), v.end());
-      if (v.empty()) { printf("  %-12s -\n", names[ev]); continue; }
-      printf("  %-12s %7.2f %7.2f %7.2f  %zu\n", names[ev], v.front(), v[v.size() / 2], v.back(), v.size());
-    }
+    print_trace(ht, t0, sms, names, {0, 1, 2, 3, 4, 5, 6, 7});
     CK(cudaDeviceSynchronize());
     printf("done\n");
     return 0;
@@ -433,12 +436,7 @@ int main(int argc, char** argv) {
     unsigned long long t0 = ~0ull; for (int b = 0; b < sms; ++b) if (ht[b]) t0 = std::min(t0, ht[b]);
     printf("trace T=%d K=%d (us from first gate_up entry): event min / median / max / n\n", T, K);
     const char* names[8] = {"gu entry", "gu lists", "gu x staged", "gu end", "dn entry", "dn lists", "dn waited", "dn end"};
-    for (int ev = 0; ev < 8; ++ev) {
-      std::vector<double> v; for (int b = 0; b < sms; ++b) if (ht[ev * 1024 + b]) v.push_back((ht[ev * 1024 + b] - t0) / 1000.0);
-      std::sort(v.begin(), v.end());
-      if (v.empty()) { printf("  %-12s -\n", names[ev]); continue; }
-      printf("  %-12s %7.2f %7.2f %7.2f  %zu\n", names[ev], v.front(), v[v.size() / 2], v.back(), v.size());
-    }
+    print_trace(ht, t0, sms, names, {0, 1, 2, 3, 4, 5, 6, 7});
   }
   for (int cap : {4, 8, 16}) run_case(1, 6, 3, cap);
   run_case(1, 6, 1, 16); run_case(1, 6, 2, 16);
@@ -533,12 +531,7 @@ int main(int argc, char** argv) {
       unsigned long long t0 = ~0ull; for (int b = 0; b < sms; ++b) if (ht[b]) t0 = std::min(t0, ht[b]);
       printf("fused trace T=1 n_total=%d (us from first entry): event min / median / max / n\n", nt);
       const char* names[8] = {"entry", "lists", "x staged", "gate_up end", "routed", "-", "barrier done", "end"};
-      for (int ev : {0, 4, 1, 2, 3, 6, 7}) {
-        std::vector<double> v; for (int b = 0; b < sms; ++b) if (ht[ev * 1024 + b]) v.push_back((ht[ev * 1024 + b] - t0) / 1000.0);
-        std::sort(v.begin(), v.end());
-        if (v.empty()) { printf("  %-14s -\n", names[ev]); continue; }
-        printf("  %-14s %7.2f %7.2f %7.2f  %zu\n", names[ev], v.front(), v[v.size() / 2], v.back(), v.size());
-      }
+      print_trace(ht, t0, sms, names, {0, 4, 1, 2, 3, 6, 7});
     }
   }
   CK(cudaDeviceSynchronize());
