@@ -102,11 +102,11 @@ def test_route_budget_sweep(T, top_k, path, monkeypatch):
 
 
 # Every values-per-lane variant (E <= 32, 64, 128, 256), every scoring, every path on the same
-# inputs; warp path: one block (T <= 8), clusters of 2..8 blocks of 8 warps (T <= 64) and of
+# inputs; warp path: one block (T <= 16), clusters of 3..8 blocks of 8 warps (T <= 64) and of
 # up to 32 warps (T > 64), a last block with idle warps.
 @pytest.mark.parametrize("path", ["warp", "block", "multi"])
 @pytest.mark.parametrize("E", [20, 32, 60, 64, 100, 128, 256])
-@pytest.mark.parametrize("T", [1, 2, 8, 9, 31, 64, 65, 200, 256])
+@pytest.mark.parametrize("T", [1, 2, 8, 9, 16, 17, 31, 64, 65, 200, 256])
 def test_route_paths_match_cpu(T, E, path, monkeypatch):
     monkeypatch.setenv("ALLOCMOE_ROUTE_PATH", path)
     seed = zlib.crc32(f"paths-{T}-{E}".encode())

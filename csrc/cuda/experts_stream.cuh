@@ -38,6 +38,7 @@
 #include <climits>
 
 #include "experts_mma.cuh"
+#include "trace_stamp.cuh"
 
 namespace allocmoe::cuda_experts {
 
@@ -86,18 +87,9 @@ __host__ __device__ constexpr int stream_act_rows(int T, int K) {
 // Timing hooks for the standalone harness only (never defined in the library build).
 #ifdef ALLOCMOE_STREAM_TRACE
 __device__ unsigned long long* g_stream_trace;
-#define STREAM_TRACE(ev)                                                         \
-  do {                                                                           \
-    if (threadIdx.x == 0) {                                                      \
-      unsigned long long t_;                                                     \
-      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));                     \
-      g_stream_trace[(ev) * 1024 + blockIdx.x] = t_;                             \
-    }                                                                            \
-  } while (0)
+#define STREAM_TRACE(ev) trace_stamp(g_stream_trace + (ev) * 1024 + blockIdx.x)
 #else
-#define STREAM_TRACE(ev) \
-  do {                   \
-  } while (0)
+#define STREAM_TRACE(ev) ((void)0)
 #endif
 
 
@@ -740,8 +732,8 @@ __device__ __forceinline__ void consume_down(const StreamParams& p, const Stream
   DownUnit<NT> u{static_cast<int>(blockIdx.x), 0, 0};
   if (u.tile >= tiles) return;
   const bool resident = !staged && stream_act_resident(ntok, K);
-  if (staged) {
-  } else if (resident) {  // every valid slot's row, at bufs + slot * act_pitch
+  // staged: the operand warp copies act into each stage, nothing to load here.
+  if (resident) {  // every valid slot's row, at bufs + slot * act_pitch
     const int vec = I / 8, nvalid = L.start[L.nused];
     for (int idx = tid; idx < nvalid * vec; idx += kStreamConsumers) {
       const int slot = L.list[idx / vec], v = idx % vec;
@@ -749,7 +741,7 @@ __device__ __forceinline__ void consume_down(const StreamParams& p, const Stream
     }
     cp_async_commit();
     cp_async_wait<0>();
-  } else {
+  } else if (!staged) {
     load_act(u, 0);
   }
   for (int q = 0; u.tile < tiles; ++q) {

@@ -3,11 +3,11 @@
 //
 // Three paths, chosen on the host from the shapes (never from the data: no sync):
 // - warp (top_k <= 32, T <= kWarpMaxTokens): ONE launch, a warp per token with its candidates
-//   in registers (route_token_per_warp, routing.cuh). On sm_90 the tokens are spread over a
-//   thread block cluster of up to 8 blocks of up to 8 warps (more warps per block past T = 64):
-//   the blocks exchange the Alloc-T pool through distributed shared memory and meet at one
-//   cluster barrier, then each finds the cut on its copy and writes its rows. Without a cut
-//   (budget == top_k or == k_base, or T == 1) no barrier at all.
+//   in registers (route_token_per_warp, routing.cuh). One block up to 16 tokens; past that, on
+//   sm_90, the tokens are spread over a thread block cluster of up to 8 blocks of 8 warps (more
+//   warps per block past T = 64): the blocks exchange the Alloc-T pool through distributed
+//   shared memory and meet at one cluster barrier, then each finds the cut on its copy and
+//   writes its rows. Without a cut (budget == top_k or == k_base, or T == 1) no barrier at all.
 // - block (top_k > 32, small T): ONE launch of one block (route_block_body): candidates in
 //   shared memory, warps loop over the tokens.
 // - multi (the rest): score (a warp per token, candidates straight into the outputs, pool keys
@@ -35,28 +35,15 @@ namespace {
 
 constexpr int kWarpMaxTokens = 256;       // warp path: at most 8 blocks x 32 warps
 constexpr int kWarpAutoMaxTokens = 128;   // ... and chosen automatically up to here
+// Up to here the warp path is one block: its pool exchange is a block barrier (~0.1 us) where a
+// cluster's costs ~0.8 us; past it, scoring 17+ tokens on one SM costs more than the cluster
+// saves (bench/route_kernel_harness.cu on H100, per call in a graph, top-6 of 64, budgets 2 to
+// 4.5: T = 16 one block of 16 warps 3.98-4.20 us, a cluster of 2 x 8 4.25-4.42; T = 32 one
+// block 6.0-6.2, a cluster of 4 x 8 4.5).
+constexpr int kWarpOneBlockMaxTokens = 16;
 constexpr int kBlockAutoMaxTokens = 16;   // block path (top_k > 32): one SM scores every token
 constexpr int kMaxSmem = 48 * 1024;       // the default dynamic shared-memory limit
 constexpr int kScoreWarps = 8;            // multi path: warps (tokens) per block of the score kernel
-
-// Shared memory of the warp path: histograms, the pool, the per-warp group scratch.
-int warp_path_smem_words(const RouteArgs& a, int nwarps) {
-  return 3 * 256 + ((a.T * (a.K - a.k_base) + 3) & ~3) + (a.n_group > 1 ? nwarps * route_scratch_words(a.E, a.n_group) : 0);
-}
-
-template <int V, bool kCluster, typename in_t>
-__global__ void __launch_bounds__(1024) route_warp_kernel(const in_t* __restrict__ logits, RouteArgs a,
-                                                          float* __restrict__ weights, int32_t* __restrict__ ids) {
-  extern __shared__ uint4 smem4[];
-  // A programmatic dependent launch after this one (the experts op's stream path) may get its
-  // CTAs resident and set up now; it waits for this grid before it reads ids or weights.
-  allow_next_grid();
-  uint32_t* smem = reinterpret_cast<uint32_t*>(smem4);
-  const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  uint32_t* pool = smem + 3 * 256;
-  uint32_t* gscratch = pool + ((a.T * (a.K - a.k_base) + 3) & ~3) + warp * route_scratch_words(a.E, a.n_group);
-  route_token_per_warp<V, kCluster>(logits, a, blockIdx.x * nwarps + warp, smem, pool, gscratch, ids, weights);
-}
 
 template <int V, typename in_t>
 __global__ void __launch_bounds__(1024) route_block_kernel(const in_t* __restrict__ logits, RouteArgs a,
@@ -159,9 +146,10 @@ void launch_route_v(const at::Tensor& logits, const RouteArgs& a, at::Tensor& we
   const RoutePath forced = forced_path();
   const bool sm90 = has_clusters(logits.device().index());
 
-  // Warp path: up to 8 warps per block while that keeps the cluster within 8 blocks.
+  // Warp path: one block up to 16 tokens, then blocks of 8 warps while that keeps the cluster
+  // within 8 blocks.
   const int wmax = sm90 ? kWarpMaxTokens : 32;
-  const int nw = a.T <= 8 || !sm90 ? a.T : a.T <= 64 ? 8 : (a.T + 7) / 8;
+  const int nw = a.T <= kWarpOneBlockMaxTokens || !sm90 ? a.T : a.T <= 64 ? 8 : (a.T + 7) / 8;
   const int nb = (a.T + nw - 1) / nw;
   const size_t warp_smem = static_cast<size_t>(warp_path_smem_words(a, nw)) * 4;
   const bool warp_ok = a.K <= 32 && a.T <= wmax && warp_smem <= static_cast<size_t>(kMaxSmem);

@@ -20,8 +20,17 @@
 #include <cuda_fp16.h>
 
 #include "pdl.cuh"
+#include "trace_stamp.cuh"
 
 namespace allocmoe::cuda {
+
+// Timing hooks for bench/route_kernel_harness.cu only (never defined in the library build).
+#ifdef ALLOCMOE_ROUTE_TRACE
+__device__ unsigned long long g_route_trace[5 * 64];  // an array, not a pointer: no load before a stamp
+#define ROUTE_TRACE(ev) trace_stamp(g_route_trace + (ev) * 64 + blockIdx.x)
+#else
+#define ROUTE_TRACE(ev) ((void)0)
+#endif
 
 constexpr int kMaxExpertsCuda = 256;  // E <= 256: each lane of a warp holds at most 8 logits
 
@@ -539,9 +548,11 @@ __device__ __forceinline__ void route_token_per_warp(const in_t* __restrict__ lo
   const int N = a.T * pt;
   const int mode = alloc_cut_mode(a.extra, N);
   const bool cut_needed = mode == 2 && a.T > 1;
+  ROUTE_TRACE(0);
   if (kCluster && cut_needed) cluster_arrive_relaxed();  // "this block has started", waited on below
   RankRegs rr{0u, -1, 0.0f};
   if (t < a.T) rr = score_token_regs<V>(logits, t, a, gscratch);
+  ROUTE_TRACE(1);
   // One token (or no cut): its best `extra` pool entries are the extra slots.
   int n = mode == 0 ? kb : mode == 1 ? K : kb + static_cast<int>(a.extra);
   if (cut_needed) {
@@ -560,6 +571,7 @@ __device__ __forceinline__ void route_token_per_warp(const in_t* __restrict__ lo
       if (mine) pool[j] = rr.key;
       __syncthreads();
     }
+    ROUTE_TRACE(2);
     // Range of all keys: token t2's largest is its first pool entry, its smallest its last.
     unsigned long long lo = ~0ull, hi = 0ull;
     for (int t2 = lane; t2 < a.T; t2 += 32) {
@@ -569,8 +581,30 @@ __device__ __forceinline__ void route_token_per_warp(const in_t* __restrict__ lo
     warp_key_range(lo, hi);
     const AllocCut cut = block_alloc_cut(pool, N, a.extra, hist, lo, hi);
     n = kb + __popc(__ballot_sync(0xffffffffu, mine && alloc_key(rr.key, static_cast<uint32_t>(j)) >= cut.thr));
+    ROUTE_TRACE(3);
   }
   if (t < a.T) finalize_token_regs(t, n, rr, a, weights, ids);
+  ROUTE_TRACE(4);
+}
+
+// The route op's warp path (route.cu) as a kernel: warp w of block b routes token b * warps + w.
+// Shared memory: warp_path_smem_words. Launched alone (kCluster = false) or as one cluster.
+__host__ __device__ inline int warp_path_smem_words(const RouteArgs& a, int nwarps) {
+  return 3 * 256 + ((a.T * (a.K - a.k_base) + 3) & ~3) + (a.n_group > 1 ? nwarps * route_scratch_words(a.E, a.n_group) : 0);
+}
+
+template <int V, bool kCluster, typename in_t>
+__global__ void __launch_bounds__(1024) route_warp_kernel(const in_t* __restrict__ logits, RouteArgs a,
+                                                          float* __restrict__ weights, int32_t* __restrict__ ids) {
+  extern __shared__ uint4 smem4[];
+  // A programmatic dependent launch after this one (the experts op's stream path) may get its
+  // CTAs resident and set up now; it waits for this grid before it reads ids or weights.
+  allow_next_grid();
+  uint32_t* smem = reinterpret_cast<uint32_t*>(smem4);
+  const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  uint32_t* pool = smem + 3 * 256;
+  uint32_t* gscratch = pool + ((a.T * (a.K - a.k_base) + 3) & ~3) + warp * route_scratch_words(a.E, a.n_group);
+  route_token_per_warp<V, kCluster>(logits, a, blockIdx.x * nwarps + warp, smem, pool, gscratch, ids, weights);
 }
 
 // ---- the whole route for one block ---------------------------------------------------------
