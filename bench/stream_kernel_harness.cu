@@ -166,7 +166,7 @@ int main(int argc, char** argv) {
   int optin = 0; CK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
   const int sms = prop.multiProcessorCount;
   printf("%s sms=%d optin=%d\n", prop.name, sms, optin);
-  unsigned long long* tr; CK(cudaMalloc(&tr, 8 * 1024 * 8)); CK(cudaMemcpyToSymbol(g_stream_trace, &tr, sizeof(tr)));
+  unsigned long long* tr; CK(cudaGetSymbolAddress(reinterpret_cast<void**>(&tr), g_stream_trace));
   const size_t gu_n = (size_t)E * 2 * I * H, dn_n = (size_t)E * H * I;
   std::vector<bf*> gu(L), dn(L);
   for (int l = 0; l < L; ++l) {

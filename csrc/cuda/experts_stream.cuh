@@ -86,7 +86,7 @@ __host__ __device__ constexpr int stream_act_rows(int T, int K) {
 
 // Timing hooks for the standalone harness only (never defined in the library build).
 #ifdef ALLOCMOE_STREAM_TRACE
-__device__ unsigned long long* g_stream_trace;
+__device__ unsigned long long g_stream_trace[8 * 1024];  // an array, not a pointer: no load before a stamp
 #define STREAM_TRACE(ev) trace_stamp(g_stream_trace + (ev) * 1024 + blockIdx.x)
 #else
 #define STREAM_TRACE(ev) ((void)0)
