@@ -47,7 +47,7 @@ __global__ void empty_kernel() {}
 struct Shape { const char* name; int nw, nb; };
 Shape launch_shape(const char* name, int T) {
   int nw;
-  if (!strcmp(name, "cur")) nw = T <= 16 ? T : T <= 64 ? 8 : (T + 7) / 8;  // as route.cu
+  if (!strcmp(name, "cur")) nw = warp_path_warps_per_block(T, true);  // as route.cu on sm_90
   else if (!strcmp(name, "one")) nw = std::min(T, 32);
   else nw = T <= 8 ? T : (T + 7) / 8;  // wide: 8 blocks
   return {name, nw, (T + nw - 1) / nw};

@@ -35,12 +35,6 @@ namespace {
 
 constexpr int kWarpMaxTokens = 256;       // warp path: at most 8 blocks x 32 warps
 constexpr int kWarpAutoMaxTokens = 128;   // ... and chosen automatically up to here
-// Up to here the warp path is one block: its pool exchange is a block barrier (~0.1 us) where a
-// cluster's costs ~0.8 us; past it, scoring 17+ tokens on one SM costs more than the cluster
-// saves (bench/route_kernel_harness.cu on H100, per call in a graph, top-6 of 64, budgets 2 to
-// 4.5: T = 16 one block of 16 warps 3.98-4.20 us, a cluster of 2 x 8 4.25-4.42; T = 32 one
-// block 6.0-6.2, a cluster of 4 x 8 4.5).
-constexpr int kWarpOneBlockMaxTokens = 16;
 constexpr int kBlockAutoMaxTokens = 16;   // block path (top_k > 32): one SM scores every token
 constexpr int kMaxSmem = 48 * 1024;       // the default dynamic shared-memory limit
 constexpr int kScoreWarps = 8;            // multi path: warps (tokens) per block of the score kernel
@@ -146,10 +140,9 @@ void launch_route_v(const at::Tensor& logits, const RouteArgs& a, at::Tensor& we
   const RoutePath forced = forced_path();
   const bool sm90 = has_clusters(logits.device().index());
 
-  // Warp path: one block up to 16 tokens, then blocks of 8 warps while that keeps the cluster
-  // within 8 blocks.
+  // Warp path: its launch shape (warp_path_warps_per_block, routing.cuh).
   const int wmax = sm90 ? kWarpMaxTokens : 32;
-  const int nw = a.T <= kWarpOneBlockMaxTokens || !sm90 ? a.T : a.T <= 64 ? 8 : (a.T + 7) / 8;
+  const int nw = warp_path_warps_per_block(a.T, sm90);
   const int nb = (a.T + nw - 1) / nw;
   const size_t warp_smem = static_cast<size_t>(warp_path_smem_words(a, nw)) * 4;
   const bool warp_ok = a.K <= 32 && a.T <= wmax && warp_smem <= static_cast<size_t>(kMaxSmem);

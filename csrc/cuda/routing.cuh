@@ -589,6 +589,16 @@ __device__ __forceinline__ void route_token_per_warp(const in_t* __restrict__ lo
 
 // The route op's warp path (route.cu) as a kernel: warp w of block b routes token b * warps + w.
 // Shared memory: warp_path_smem_words. Launched alone (kCluster = false) or as one cluster.
+//
+// Warps per block: one block up to 16 tokens (and below sm_90, which has no clusters), then a
+// cluster of blocks of 8 warps up to 64 tokens, then 8 blocks of more warps. One block's pool
+// exchange is a block barrier where a cluster's costs ~0.8 us more; past 16 tokens, scoring on
+// one SM costs more than the cluster saves (bench/route_kernel_harness.cu on H100, a call in a
+// graph, top-6 of 64, budgets 2 to 4.5: T = 16 one block of 16 warps 3.98-4.20 us, a cluster of
+// 2 x 8 4.25-4.42; T = 32 one block 6.0-6.2, a cluster of 4 x 8 4.5).
+__host__ __device__ inline int warp_path_warps_per_block(int T, bool clusters) {
+  return T <= 16 || !clusters ? T : T <= 64 ? 8 : (T + 7) / 8;
+}
 __host__ __device__ inline int warp_path_smem_words(const RouteArgs& a, int nwarps) {
   return 3 * 256 + ((a.T * (a.K - a.k_base) + 3) & ~3) + (a.n_group > 1 ? nwarps * route_scratch_words(a.E, a.n_group) : 0);
 }
