@@ -272,15 +272,28 @@ int main(int argc, char** argv) {
   if (argc > 1 && strcmp(argv[1], "mid") == 0) {
     for (auto* f : {(const void*)skinny_gate_up_kernel<bf>, (const void*)skinny_down_kernel<bf>})
       CK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+    // HARNESS_STREAM=two: the two launches (gate_up, down); otherwise the library's one launch.
+    static const bool two_launches = getenv("HARNESS_STREAM") && strcmp(getenv("HARNESS_STREAM"), "two") == 0;
+    printf("stream path: %s\n", two_launches ? "two launches" : "one launch");
+    CK(cudaFuncSetAttribute(stream_experts_kernel<bf, 1>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+    CK(cudaFuncSetAttribute(stream_experts_kernel<bf, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
     auto stream_pair = [&](int T, int K, int l, const int* id, bf* o) {
       StreamParams p{x, gu[l], dn[l], w, id, act, o, T, K, E, H, I, 0, y};
-      cudaLaunchAttribute attr[1]; attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization; attr[0].val.programmaticStreamSerializationAllowed = 1;
+      cudaLaunchAttribute attr[2]; attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization; attr[0].val.programmaticStreamSerializationAllowed = 1;
+      attr[1].id = cudaLaunchAttributeCooperative; attr[1].val.cooperative = 1;
       cudaLaunchConfig_t cfg = {}; cfg.gridDim = dim3(sms); cfg.blockDim = dim3(kStreamThreads); cfg.stream = st; cfg.attrs = attr; cfg.numAttrs = 1;
+      if (!two_launches) {
+        const StreamSmem lay = stream_one_launch_smem(T, K, H, I);
+        p.stages = lay.fit_stages(optin); cfg.dynamicSmemBytes = lay.total(p.stages); cfg.numAttrs = 2;
+        if (T <= 8) CK(cudaLaunchKernelEx(&cfg, stream_experts_kernel<bf, 1>, p)); else CK(cudaLaunchKernelEx(&cfg, stream_experts_kernel<bf, 2>, p));
+        cfg.numAttrs = 1;
+      } else {
       const StreamSmem lg(stream_x_rows(T), H), ld = stream_down_smem(T, K, I);
       p.stages = lg.fit_stages(optin); cfg.dynamicSmemBytes = lg.total(p.stages);
       if (T <= 8) CK(cudaLaunchKernelEx(&cfg, stream_gate_up_kernel<bf, 1>, p)); else CK(cudaLaunchKernelEx(&cfg, stream_gate_up_kernel<bf, 2>, p));
       p.stages = ld.fit_stages(optin); cfg.dynamicSmemBytes = ld.total(p.stages);
       if (T <= 8) CK(cudaLaunchKernelEx(&cfg, stream_down_kernel<bf, 1>, p)); else CK(cudaLaunchKernelEx(&cfg, stream_down_kernel<bf, 2>, p));
+      }
       if (!stream_x_resident(T)) {
         cfg.gridDim = dim3(T); cfg.blockDim = dim3(256); cfg.dynamicSmemBytes = 0;
         CK(cudaLaunchKernelEx(&cfg, combine_slots_kernel<bf>, CombineParams{y, id, o, T, K, E, H}));
@@ -456,7 +469,7 @@ int main(int argc, char** argv) {
     auto fused = [&](int T, int K, int n_total, int l, bf* o) {
       StreamMoeParams m{StreamParams{x, gu[l], dn[l], nullptr, nullptr, act, o, T, K, E, H, I, 0}, logits + l * TMAX * E,
                         softmax_args(T, E, K, n_total)};
-      const StreamSmem lay = stream_moe_smem(T, K, H, I);
+      const StreamSmem lay = stream_one_launch_smem(T, K, H, I);
       m.e.stages = std::min(fused_cap, lay.fit_stages(optin));
       cudaLaunchAttribute attr[1]; attr[0].id = cudaLaunchAttributeCooperative; attr[0].val.cooperative = 1;
       cudaLaunchConfig_t cfg = {}; cfg.gridDim = dim3(sms); cfg.blockDim = dim3(kStreamThreads); cfg.stream = st; cfg.attrs = attr; cfg.numAttrs = fused_coop ? 1 : 0;

@@ -191,16 +191,71 @@ def test_stream_decode_shapes(T, E, K, H, I, skew, monkeypatch):
 
 @pytest.mark.parametrize("T", [4, 16])
 def test_auto_takes_stream_kernels_on_sm90(T, monkeypatch):
-    """On sm_90 auto mode at T <= 16 runs the stream kernels (not a silent fallback)."""
+    """On sm_90 auto mode at T <= 16 runs the stream kernels (not a silent fallback): one launch
+    while all act rows fit in shared memory (T*K <= 32), the two launches beyond."""
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the stream path needs sm_90")
+    monkeypatch.delenv("ALLOCMOE_STREAM_LAUNCHES", raising=False)
     inputs = make_inputs(T, 64, 6, 2048, 1408, torch.bfloat16, seed=T)
     ref = run_cpu(inputs)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         out = run_cuda(inputs, path="auto", monkeypatch=monkeypatch)
     names = " ".join(e.name for e in prof.events())
-    assert "stream_gate_up_kernel" in names and "stream_down_kernel" in names, names[:2000]
+    if T * 6 <= 32:
+        assert "stream_experts_kernel" in names and "stream_gate_up_kernel" not in names, names[:2000]
+    else:
+        assert "stream_gate_up_kernel" in names and "stream_down_kernel" in names, names[:2000]
     assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize(
+    "T,E,K,H,I,skew",
+    [(1, 64, 6, 2048, 1408, False), (3, 60, 2, 512, 256, False), (4, 64, 6, 2048, 1408, True),
+     (4, 64, 8, 512, 256, False), (7, 64, 6, 1024, 352, False), (16, 64, 6, 1024, 1408, False),
+     (17, 60, 6, 512, 704, False), (40, 64, 6, 1024, 704, True), (64, 128, 8, 1024, 512, False)])
+def test_stream_one_launch_equals_two_launches(T, E, K, H, I, skew, monkeypatch):
+    """The one-launch stream kernel (per-expert readiness counters between the phases) gives the
+    two launches' output bit for bit, with act resident or staged, tile-major or expert-major,
+    over many calls (the counters are never reset: every call must find them consistent)."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the stream path needs sm_90")
+    inputs = make_inputs(T, E, K, H, I, torch.bfloat16, seed=3 * T + K, skew=skew, drop=0.0 if skew else 0.3)
+    ref = run_cpu(inputs)
+    monkeypatch.setenv("ALLOCMOE_STREAM_LAUNCHES", "two")
+    two = run_cuda(inputs, path="stream", monkeypatch=monkeypatch)
+    monkeypatch.setenv("ALLOCMOE_STREAM_LAUNCHES", "one")
+    for _ in range(3):
+        one = run_cuda(inputs, path="stream", monkeypatch=monkeypatch)
+        assert torch.equal(one, two)
+    assert rel_err(one, ref) < 1e-2
+
+
+def test_stream_one_launch_graph_replay(monkeypatch):
+    """The one launch (cooperative and programmatic dependent) captured in a CUDA graph replays
+    correctly on new routing, several times in a row."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the stream path needs sm_90")
+    monkeypatch.setenv("ALLOCMOE_EXPERTS_PATH", "stream")
+    monkeypatch.setenv("ALLOCMOE_STREAM_LAUNCHES", "one")
+    T, E, K = 4, 64, 6
+    x, gu, dn, w, ids = [to_cuda(t) for t in make_inputs(T, E, K, 1024, 512, torch.bfloat16, seed=1)[:5]]
+    ops.experts(x, gu, dn, w, ids)  # warm-up outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ops.experts(x, gu, dn, w, ids)
+    for seed in (2, 3):
+        nx, _, _, nw, nids, _, _ = make_inputs(T, E, K, 1024, 512, torch.bfloat16, seed=seed)
+        x.copy_(nx.cuda())
+        w.copy_(nw.cuda())
+        ids.copy_(nids.cuda())
+        out.fill_(float("nan"))
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+        ref = run_cpu((nx, gu.cpu(), dn.cpu(), nw, nids, None, None))
+        assert torch.isfinite(out).all()
+        assert rel_err(out, ref) < 1e-2
 
 
 def test_stream_past_16_tokens_runs_three_launches(monkeypatch):

@@ -247,7 +247,8 @@ void run_decode(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor
 
 using cuda::DeviceInfo;
 
-// Ring depth of a stream launch (layouts: stream_gate_up_smem / stream_down_smem).
+// Ring depth of a stream launch (layouts: stream_one_launch_smem, or stream_gate_up_smem /
+// stream_down_smem for the two launches).
 int stream_stages(const StreamSmem& lay, const DeviceInfo& d) { return lay.fit_stages(d.smem_optin); }
 
 bool stream_fits(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const DeviceInfo& d) {
@@ -258,29 +259,56 @@ bool stream_fits(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const De
          stream_stages(stream_down_smem(t, static_cast<int>(K), static_cast<int>(I)), d) >= kStreamMinStages;
 }
 
+// One launch (stream_experts_kernel: each expert's down work starts as soon as its act is complete
+// grid-wide) or two (gate_up, then down once the whole gate_up grid is done). Measured on H100
+// (bench/stream_kernel_harness.cu mid flushed, DeepSeek-V2-Lite shape, us, one / two): T=1 41.6 /
+// 44.5, T=4 117.2 / 118.6, but T=16 304.4 / 292.0, T=64 434.7 / 401.0: where the down phase stages
+// act next to its weights, one launch has to use the double-size stages in gate_up too (half the
+// ring depth). So auto takes one launch where all act rows stay in shared memory.
+// ALLOCMOE_STREAM_LAUNCHES=one|two forces either (tests run both).
+// A forced one launch that cannot run (cooperative launch, ring depth) runs the two.
+bool use_one_stream_launch(const StreamParams& p, const DeviceInfo& d) {
+  const int forced = env_choice("allocmoe.experts", "ALLOCMOE_STREAM_LAUNCHES", {"auto", "one", "two"});
+  const bool fits = d.coop && stream_stages(stream_one_launch_smem(p.T, p.K, p.H, p.I), d) >= kStreamMinStages;
+  return fits && (forced == 0 ? !stream_down_staged(p.T, p.K) : forced == 1);
+}
+
 template <typename Elem, int NT>
 void launch_stream(StreamParams p, const DeviceInfo& d, cudaStream_t stream) {
-  static bool gate_up_done[64] = {}, down_done[64] = {};
-  set_smem_limit(reinterpret_cast<const void*>(&stream_gate_up_kernel<Elem, NT>), d.smem_optin, gate_up_done);
-  set_smem_limit(reinterpret_cast<const void*>(&stream_down_kernel<Elem, NT>), d.smem_optin, down_done);
-  // Both are programmatic dependent launches (captured into CUDA graphs as such): gate_up starts
-  // while the routing grid drains, down while gate_up drains (see experts_stream.cuh).
-  cudaLaunchAttribute attr[1];
+  static bool one_done[64] = {}, gate_up_done[64] = {}, down_done[64] = {};
+  // Programmatic dependent launches (captured into CUDA graphs as such): the kernel starts while
+  // the routing grid drains (and down while gate_up drains). The one launch is also cooperative:
+  // its CTAs wait for each other's experts (stream_ready.cuh).
+  cudaLaunchAttribute attr[2];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
+  attr[1].id = cudaLaunchAttributeCooperative;
+  attr[1].val.cooperative = 1;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(d.sms);
   cfg.blockDim = dim3(kStreamThreads);
   cfg.stream = stream;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  const StreamSmem gate_up_smem = stream_gate_up_smem(p.T, p.H), down_smem = stream_down_smem(p.T, p.K, p.I);
-  p.stages = stream_stages(gate_up_smem, d);
-  cfg.dynamicSmemBytes = gate_up_smem.total(p.stages);
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, stream_gate_up_kernel<Elem, NT>, p));
-  p.stages = stream_stages(down_smem, d);
-  cfg.dynamicSmemBytes = down_smem.total(p.stages);
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, stream_down_kernel<Elem, NT>, p));
+  if (use_one_stream_launch(p, d)) {
+    set_smem_limit(reinterpret_cast<const void*>(&stream_experts_kernel<Elem, NT>), d.smem_optin, one_done);
+    const StreamSmem lay = stream_one_launch_smem(p.T, p.K, p.H, p.I);
+    p.stages = stream_stages(lay, d);
+    cfg.dynamicSmemBytes = lay.total(p.stages);
+    cfg.numAttrs = 2;
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, stream_experts_kernel<Elem, NT>, p));
+    cfg.numAttrs = 1;
+  } else {
+    set_smem_limit(reinterpret_cast<const void*>(&stream_gate_up_kernel<Elem, NT>), d.smem_optin, gate_up_done);
+    set_smem_limit(reinterpret_cast<const void*>(&stream_down_kernel<Elem, NT>), d.smem_optin, down_done);
+    const StreamSmem gate_up_smem = stream_gate_up_smem(p.T, p.H), down_smem = stream_down_smem(p.T, p.K, p.I);
+    p.stages = stream_stages(gate_up_smem, d);
+    cfg.dynamicSmemBytes = gate_up_smem.total(p.stages);
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, stream_gate_up_kernel<Elem, NT>, p));
+    p.stages = stream_stages(down_smem, d);
+    cfg.dynamicSmemBytes = down_smem.total(p.stages);
+    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, stream_down_kernel<Elem, NT>, p));
+  }
   if (p.y != nullptr) {  // the expert-major down phase wrote y: sum each token's slots
     cfg.gridDim = dim3(p.T);
     cfg.blockDim = dim3(256);

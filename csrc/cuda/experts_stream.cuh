@@ -38,6 +38,7 @@
 #include <climits>
 
 #include "experts_mma.cuh"
+#include "stream_ready.cuh"
 #include "trace_stamp.cuh"
 
 namespace allocmoe::cuda_experts {
@@ -63,6 +64,7 @@ constexpr int kStreamMinStages = 4;
 constexpr int kStreamMaxTokens = 64;
 constexpr int kStreamMaxSlots = 512;     // T*K (the lists live in shared memory)
 constexpr int kStreamMaxExperts = 512;  // past kStreamThreads slots: the list builder's counters
+static_assert(kStreamMaxSlots <= kReadySlots, "a readiness counter per used expert");
 // Tokens whose x rows all stay in shared memory for the whole gate_up phase; beyond, x rows are
 // staged per (expert, pass) (the gate_up item dealing above).
 constexpr int kStreamXRows = 16;
@@ -76,6 +78,7 @@ __host__ __device__ constexpr int stream_pairs_per_pass(int T) { return T <= 8 ?
 // H100 (T=1): with the HBM queues full of weight copies an L2 round trip takes microseconds,
 // and one per unit (six at top-6) left the down consumers waiting most of the time.
 constexpr int kStreamResidentSlots = 32;
+static_assert(kStreamResidentSlots <= kActBars, "an act mbarrier per used expert of the resident down phase");
 __host__ __device__ constexpr bool stream_act_resident(int T, int K) { return T * K <= kStreamResidentSlots; }
 // act rows the down phase holds in shared memory (expert-major: one pass's rows).
 __host__ __device__ constexpr int stream_act_rows(int T, int K) {
@@ -128,7 +131,8 @@ struct StreamSmem {
   static constexpr int kOutAccAt = kPairSumsAt + 16 * kStreamRedStride * 4;  // [kStreamMaxTokens][16] floats
   // The fused moe kernel's routing result: ids [kStreamMaxSlots] ints, then the weights.
   static constexpr int kRouteAt = kOutAccAt + kStreamMaxTokens * 16 * 4;
-  static constexpr int kOperandAt = (kRouteAt + 2 * kStreamMaxSlots * 4 + 127) / 128 * 128;
+  static constexpr int kSignalsAt = kRouteAt + 2 * kStreamMaxSlots * 4;  // StreamSignals (one launch)
+  static constexpr int kOperandAt = (kSignalsAt + static_cast<int>(sizeof(StreamSignals)) + 127) / 128 * 128;
   int pitch, ring_at;
   int stage_bytes = kStreamStageBytes;  // 16 weight rows, + the operand rows copied with them
   // operand_rows of operand_len elements in the operand area; staged_rows operand rows in every
@@ -138,9 +142,13 @@ struct StreamSmem {
     ring_at = (kOperandAt + operand_rows * pitch + 127) / 128 * 128;
     stage_bytes = (kStreamRows + staged_rows) * kStreamPitch;
   }
-  // Operand area of operand_bytes holding rows of several pitches (the fused moe kernel).
-  __host__ __device__ explicit StreamSmem(int operand_bytes)
-      : pitch(0), ring_at((kOperandAt + operand_bytes + 127) / 128 * 128) {}
+  // Operand area of operand_bytes holding rows of several pitches (the one-launch kernels: x,
+  // then act).
+  __host__ __device__ static StreamSmem of_bytes(int operand_bytes, int staged_rows) {
+    StreamSmem s(0, 0, staged_rows);
+    s.ring_at = (kOperandAt + operand_bytes + 127) / 128 * 128;
+    return s;
+  }
   __host__ __device__ int total(int stages) const { return ring_at + stages * stage_bytes; }
   // Ring depth: as many stages as smem_limit bytes hold, up to kStreamMaxStages.
   __host__ __device__ int fit_stages(int smem_limit) const {
@@ -160,6 +168,14 @@ __host__ __device__ constexpr bool stream_down_staged(int T, int K) {
   return !(T <= kStreamXRows && T * K <= kStreamResidentSlots);
 }
 __host__ __device__ inline StreamSmem stream_gate_up_smem(int T, int H) { return StreamSmem(stream_x_rows(T), H); }
+// The one-launch kernel: x during gate_up, then (T*K <= kStreamResidentSlots) all act rows, in one
+// operand area; stages with room for act rows when the down phase stages them.
+__host__ __device__ inline StreamSmem stream_one_launch_smem(int T, int K, int H, int I) {
+  const bool staged = stream_down_staged(T, K);
+  const int x_bytes = stream_x_rows(T) * stream_row_pitch(H);
+  const int act_bytes = staged ? 0 : T * K * stream_row_pitch(I);
+  return StreamSmem::of_bytes(x_bytes > act_bytes ? x_bytes : act_bytes, staged ? stream_pairs_per_pass(T) : 0);
+}
 __host__ __device__ inline StreamSmem stream_down_smem(int T, int K, int I) {
   return stream_down_staged(T, K) ? StreamSmem(0, I, stream_pairs_per_pass(T)) : StreamSmem(stream_act_rows(T, K), I);
 }
@@ -383,6 +399,7 @@ struct Producer {
   int stages, stage_bytes;
   uint64_t policy;
   RingPos pos;
+  int extra_arrivals = 0;  // full barriers that also wait for the operand warp, which has no part here
   // row: this lane's weight row (lanes >= kStreamRows pass anything; it is not read).
   __device__ __forceinline__ void unit(const void* row, int kdim, int passes) {
     const int lane = threadIdx.x & 31;
@@ -391,7 +408,10 @@ struct Producer {
       for (int k0 = 0; k0 < kdim; k0 += kStreamChunk) {
         const uint32_t bytes = static_cast<uint32_t>(min(kStreamChunk, kdim - k0)) * 2u;
         mbar_wait(empty0 + 8 * pos.stage, pos.phase ^ 1u);
-        if (lane == 0) mbar_arrive_expect_tx(full0 + 8 * pos.stage, bytes * kStreamRows);
+        if (lane == 0) {
+          mbar_arrive_expect_tx(full0 + 8 * pos.stage, bytes * kStreamRows);
+          if (extra_arrivals) mbar_arrive(full0 + 8 * pos.stage);
+        }
         __syncwarp();
         if (lane < kStreamRows)
           bulk_copy(ring + pos.stage * stage_bytes + lane * kStreamPitch, src + (size_t)k0 * 2, bytes,
@@ -608,9 +628,12 @@ __device__ __forceinline__ void stage_rows(unsigned char* dst, int pitch, const 
 
 // x -> shared memory at xs (rows of x_pitch bytes): all T rows up front when x is resident, else
 // the rows of each (expert, pass) when it comes up. Then this CTA's items: act[slot, r..r+7].
+// sig (one launch): the end of each run of items of one expert goes to the operand warp, and
+// every thread says when it is past x (StreamSignals).
 template <typename T, int NT>
 __device__ __forceinline__ void consume_gate_up(const StreamParams& p, const StreamLists& L, const StreamShared& sh,
-                                                unsigned char* xs, int x_pitch, RingPos& pos) {
+                                                unsigned char* xs, int x_pitch, RingPos& pos,
+                                                StreamSignals* sig = nullptr) {
   static_assert(NT * 8 <= kStreamXRows, "a pass's x rows fit the staging area");
   const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, c = lane & 3;
   const int H = p.H, I = p.I, K = p.K, tiles = I / 8;
@@ -626,7 +649,7 @@ __device__ __forceinline__ void consume_gate_up(const StreamParams& p, const Str
   }
   STREAM_TRACE(2);
   T* act = static_cast<T*>(p.act);
-  int staged_j = -1, staged_p0 = -1;
+  int staged_j = -1, staged_p0 = -1, run = 0;
   for (ItemIter it = gate_up_items(L, I, p.T); it.more(); it.next()) {
     const int j = it.item / tiles, r0 = (it.item % tiles) * 8;
     const int s0 = L.start[j], npairs = L.start[j + 1] - s0;
@@ -655,7 +678,19 @@ __device__ __forceinline__ void consume_gate_up(const StreamParams& p, const Str
       }
       consumers_sync();
     }
+    if (sig != nullptr) {  // this item's act rows are written (consumer barrier above)
+      ItemIter nx = it;
+      nx.next();
+      if (!nx.more() || nx.item / tiles != j) {  // the end of a run of expert j
+        if (tid == 0) {
+          mbar_wait(smem_addr(&sig->run_free[run % kRunSlots]), ((run / kRunSlots) & 1) ^ 1u);
+          mbar_arrive(smem_addr(&sig->run_done[run % kRunSlots]));
+        }
+        ++run;
+      }
+    }
   }
+  if (sig != nullptr) mbar_arrive(smem_addr(&sig->gate_up_over));
   STREAM_TRACE(3);
 }
 
@@ -686,14 +721,16 @@ __device__ __forceinline__ void produce_down(const StreamParams& p, const Stream
 }
 
 // The operand producer of the staged tile-major down phase: the act rows of each unit, in
-// produce_down's order. act is the gate_up grid's output: waits for it first.
-template <typename T, int NT>
-__device__ __forceinline__ void produce_down_act(const StreamParams& p, const StreamLists& L, Producer& prod) {
+// produce_down's order. act is gate_up's output: ready(j) returns once expert j's rows are
+// complete and visible (the two launches wait for the gate_up grid before, and pass a no-op).
+template <typename T, int NT, typename ReadyFn>
+__device__ __forceinline__ void produce_down_act(const StreamParams& p, const StreamLists& L, Producer& prod,
+                                                 ReadyFn ready) {
   const int tiles = p.H / kStreamRows;
   const T* act = static_cast<const T*>(p.act);
-  wait_for_previous_grid();
   for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x)
     for (int j = 0; j < L.nused; ++j) {
+      if (tile == static_cast<int>(blockIdx.x)) ready(j);
       const int s0 = L.start[j];
       prod.operand_unit(act, p.I, L.start[j + 1] - s0, NT * 8, [&](int pl) { return L.list[s0 + pl]; });
     }
@@ -703,10 +740,11 @@ __device__ __forceinline__ void produce_down_act(const StreamParams& p, const St
 // returns (the experts op: the gate_up grid; the fused kernel: the grid barrier came before).
 // bufs: stream_act_rows(T, K) act rows of pitch act_pitch (all of them, or two buffers of NT*8);
 // staged: none, the act rows come in the stages (produce_down_act).
+// sig (one launch, all act rows resident): the operand warp loads them, expert by expert.
 template <typename T, int NT>
 __device__ __forceinline__ void consume_down(const StreamParams& p, const StreamLists& L, const StreamShared& sh,
                                              unsigned char* smem, unsigned char* bufs, int act_pitch, RingPos& pos,
-                                             bool staged = false) {
+                                             bool staged = false, StreamSignals* sig = nullptr) {
   constexpr int kBufRows = NT * 8;
   const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, c = lane & 3;
   const int H = p.H, I = p.I, K = p.K, ntok = p.T;
@@ -733,7 +771,7 @@ __device__ __forceinline__ void consume_down(const StreamParams& p, const Stream
   if (u.tile >= tiles) return;
   const bool resident = !staged && stream_act_resident(ntok, K);
   // staged: the operand warp copies act into each stage, nothing to load here.
-  if (resident) {  // every valid slot's row, at bufs + slot * act_pitch
+  if (resident && sig == nullptr) {  // every valid slot's row, at bufs + slot * act_pitch
     const int vec = I / 8, nvalid = L.start[L.nused];
     for (int idx = tid; idx < nvalid * vec; idx += kStreamConsumers) {
       const int slot = L.list[idx / vec], v = idx % vec;
@@ -741,7 +779,7 @@ __device__ __forceinline__ void consume_down(const StreamParams& p, const Stream
     }
     cp_async_commit();
     cp_async_wait<0>();
-  } else if (!staged) {
+  } else if (!resident && !staged) {
     load_act(u, 0);
   }
   for (int q = 0; u.tile < tiles; ++q) {
@@ -753,6 +791,7 @@ __device__ __forceinline__ void consume_down(const StreamParams& p, const Stream
       cp_async_wait<1>();      // this unit's rows have landed (the next unit's may still fly)
     }
     if (!staged) consumers_sync();
+    if (resident && sig != nullptr) mbar_wait(smem_addr(&sig->act[u.j]), 0);
 
     const int s0 = L.start[u.j], npairs = L.start[u.j + 1] - s0, npass = min(kBufRows, npairs - u.p0);
     const unsigned char* buf = bufs + (size_t)(q & 1) * kBufRows * act_pitch;
@@ -819,15 +858,16 @@ __device__ __forceinline__ void produce_down_by_expert(const StreamParams& p, co
 }
 
 // The operand producer of the expert-major down phase: the act rows of each item, in
-// produce_down_by_expert's order, once the gate_up grid (act) is done.
-template <typename T, int NT>
+// produce_down_by_expert's order (ready: as in produce_down_act).
+template <typename T, int NT, typename ReadyFn>
 __device__ __forceinline__ void produce_down_act_by_expert(const StreamParams& p, const StreamLists& L,
-                                                           Producer& prod) {
+                                                           Producer& prod, ReadyFn ready) {
   const int tiles = p.H / kStreamRows, n = down_item_count(L, p.H);
   const T* act = static_cast<const T*>(p.act);
-  wait_for_previous_grid();
+  int last_j = -1;
   for (ItemIter it(n, stream_item_chunk(n, p.T)); it.more(); it.next()) {
     const int j = it.item / tiles, s0 = L.start[j];
+    if (j != last_j) ready(j), last_j = j;
     prod.operand_unit(act, p.I, L.start[j + 1] - s0, NT * 8, [&](int pl) { return L.list[s0 + pl]; });
   }
 }
@@ -868,6 +908,133 @@ __device__ __forceinline__ void write_zero_output(const StreamParams& p) {
   for (int tile = blockIdx.x; tile < p.H / kStreamRows; tile += gridDim.x)
     for (int idx = threadIdx.x; idx < p.T * kStreamRows; idx += blockDim.x)
       out[(size_t)(idx / kStreamRows) * p.H + tile * kStreamRows + idx % kStreamRows] = Mma16<T>::from_float(0.f);
+}
+
+// ---------------------------------------------------------------------------------------------
+// One launch (the experts op, and the fused moe kernel after its routing): both phases in one
+// persistent grid, the down phase of each expert released by readiness counters (stream_ready.cuh)
+// instead of the end of a gate_up grid. The operand warp runs the protocol: it releases this CTA's
+// gate_up items per expert as the consumers finish them, then confirms each expert the down phase
+// needs and brings its act rows (into the stages, or all of them into shared memory).
+// ---------------------------------------------------------------------------------------------
+// Orders act, written by other CTAs through the generic proxy and acquired through the counters,
+// before this warp's bulk copies (async proxy) read it.
+__device__ __forceinline__ void fence_proxy_async_global() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.global;\n" ::: "memory");
+#endif
+}
+
+template <typename T, int NT>
+__device__ __forceinline__ void stream_operand_warp(const StreamParams& p, const StreamLists& L, const StreamShared& sh,
+                                                    StreamSignals* sig, unsigned char* operands, bool staged) {
+  const int lane = threadIdx.x & 31, tiles = p.I / 8;
+  const StreamReady ready = StreamReady::begin(sig, L.nused, tiles);
+  // gate_up: the items of one expert's run are released together, after the consumers' last.
+  const int chunks_h = (p.H + kStreamChunk - 1) / kStreamChunk;
+  int run = 0, run_n = 0, stages_used = 0;
+  for (ItemIter it = gate_up_items(L, p.I, p.T); it.more();) {
+    const int j = it.item / tiles;
+    stages_used += (L.start[j + 1] - L.start[j] + NT * 8 - 1) / (NT * 8) * chunks_h;
+    ++run_n;
+    it.next();
+    if (!it.more() || it.item / tiles != j) {
+      const int slot = run % kRunSlots;
+      mbar_wait(smem_addr(&sig->run_done[slot]), (run / kRunSlots) & 1);
+      ready.release(j, run_n);
+      __syncwarp();
+      if (lane == 0) mbar_arrive(smem_addr(&sig->run_free[slot]));
+      ++run, run_n = 0;
+    }
+  }
+  if (!staged) {  // all act rows resident (tile-major): expert by expert, as each completes
+    if (static_cast<int>(blockIdx.x) < p.H / kStreamRows) {
+      mbar_wait(smem_addr(&sig->gate_up_over), 0);  // x is dead: its area takes act rows
+      const int vec = p.I / 8, pitch = stream_row_pitch(p.I);
+      const T* act = static_cast<const T*>(p.act);
+      for (int j = 0; j < L.nused; ++j) {
+        ready.confirm(j);
+        const int s0 = L.start[j], n = L.start[j + 1] - s0;
+        for (int idx = lane; idx < n * vec; idx += 32) {
+          const int slot = L.list[s0 + idx / vec], v = idx % vec;
+          cp_async16(operands + (size_t)slot * pitch + v * 16, act + (size_t)slot * p.I + v * 8, 16);
+        }
+        cp_async_commit();
+        cp_async_wait<0>();
+        mbar_arrive(smem_addr(&sig->act[j]));  // every lane, after its own copies
+      }
+    }
+  } else {  // act pieces into the stages that follow this CTA's gate_up stages
+    Producer prod = sh.producer(evict_normal_policy());
+    prod.pos.stage = stages_used % sh.stages;
+    prod.pos.phase = static_cast<uint32_t>(stages_used / sh.stages) & 1u;
+    auto gate = [&](int j) {
+      ready.confirm(j);
+      fence_proxy_async_global();
+    };
+    if (stream_x_resident(p.T)) produce_down_act<T, NT>(p, L, prod, gate);
+    else produce_down_act_by_expert<T, NT>(p, L, prod, gate);
+  }
+  ready.exit_conditions();
+}
+
+// Everything after the lists (L.nused > 0); sh's full barriers count 2 arrivals when staged.
+template <typename T, int NT>
+__device__ __forceinline__ void stream_one_launch(const StreamParams& p, const StreamLists& L, const StreamShared& sh,
+                                                  unsigned char* smem) {
+  const bool staged = stream_down_staged(p.T, p.K);
+  StreamSignals* sig = reinterpret_cast<StreamSignals*>(smem + StreamSmem::kSignalsAt);
+  unsigned char* operands = smem + StreamSmem::kOperandAt;
+  const int warp = threadIdx.x >> 5;
+  if (warp == kStreamWeightWarp) {
+    Producer prod = sh.producer(evict_first_policy());
+    prod.extra_arrivals = staged ? 1 : 0;  // gate_up stages carry no act rows
+    produce_gate_up<T, NT>(p, L, prod);
+    prod.extra_arrivals = 0;
+    if (stream_x_resident(p.T)) produce_down<T, NT>(p, L, prod);
+    else produce_down_by_expert<T, NT>(p, L, prod);
+  } else if (warp == kStreamOperandWarp) {
+    stream_operand_warp<T, NT>(p, L, sh, sig, operands, staged);
+  } else {
+    RingPos pos;
+    consume_gate_up<T, NT>(p, L, sh, operands, stream_row_pitch(p.H), pos, sig);
+    if (stream_x_resident(p.T))
+      consume_down<T, NT>(p, L, sh, smem, operands, stream_row_pitch(p.I), pos, staged,
+                          staged ? nullptr : sig);
+    else
+      consume_down_by_expert<T, NT>(p, L, sh, pos);
+  }
+}
+
+// The protocol's mbarriers and words (thread 0, before the CTA's first barrier).
+__device__ __forceinline__ void init_signals(unsigned char* smem) {
+  if (threadIdx.x != 0) return;
+  StreamSignals* s = reinterpret_cast<StreamSignals*>(smem + StreamSmem::kSignalsAt);
+  for (int i = 0; i < kRunSlots; ++i) mbar_init(smem_addr(&s->run_done[i]), 1), mbar_init(smem_addr(&s->run_free[i]), 1);
+  mbar_init(smem_addr(&s->gate_up_over), kStreamConsumers);
+  for (int i = 0; i < kActBars; ++i) mbar_init(smem_addr(&s->act[i]), 32);
+  for (int i = 0; i < kReadyWords; ++i) s->confirmed[i] = 0;
+  mbar_init_fence();
+}
+
+// The experts op in one cooperative, programmatic dependent launch (+ combine_slots_kernel past
+// kStreamXRows tokens).
+template <typename T, int NT>
+__global__ void __launch_bounds__(kStreamThreads, 1) stream_experts_kernel(StreamParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const StreamSmem lay = stream_one_launch_smem(p.T, p.K, p.H, p.I);
+  const StreamShared sh = stream_shared(smem, lay, p.stages, stream_down_staged(p.T, p.K) ? 2 : 1);
+  init_signals(smem);
+  STREAM_TRACE(0);
+  wait_for_previous_grid();  // ids and x may come from the grid before; so may its counter updates
+  allow_next_grid();
+  const StreamLists L = build_stream_lists(p.ids, p.T * p.K, p.E, sh.lists, reinterpret_cast<int*>(sh.red));
+  STREAM_TRACE(1);
+  if (L.nused == 0) {  // the same in every CTA: nobody touches the counters
+    write_zero_output<T>(p);
+    return;
+  }
+  stream_one_launch<T, NT>(p, L, sh, smem);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -922,7 +1089,8 @@ __global__ void __launch_bounds__(kStreamThreads, 1) stream_down_kernel(StreamPa
       produce_down_by_expert<T, NT>(p, L, prod);
     } else if (warp == kStreamOperandWarp) {
       Producer prod = sh.producer(evict_normal_policy());
-      produce_down_act_by_expert<T, NT>(p, L, prod);
+      wait_for_previous_grid();
+      produce_down_act_by_expert<T, NT>(p, L, prod, [](int) {});
     } else {
       consume_down_by_expert<T, NT>(p, L, sh, pos);
     }
@@ -935,7 +1103,8 @@ __global__ void __launch_bounds__(kStreamThreads, 1) stream_down_kernel(StreamPa
   } else if (warp == kStreamOperandWarp) {
     if (staged) {
       Producer prod = sh.producer(evict_normal_policy());
-      produce_down_act<T, NT>(p, L, prod);
+      wait_for_previous_grid();
+      produce_down_act<T, NT>(p, L, prod, [](int) {});
     }
   } else {
     consume_down<T, NT>(p, L, sh, smem, smem + StreamSmem::kOperandAt, lay.pitch, pos, staged);

@@ -513,7 +513,7 @@ using cuda_experts::StreamSmem;
 
 // Ring depth of the stream kernel: as many stages as the shared memory holds.
 int stream_moe_stages(int64_t T, int64_t K, int64_t H, int64_t I, const DeviceInfo& d) {
-  const StreamSmem lay = cuda_experts::stream_moe_smem(static_cast<int>(T), static_cast<int>(K), static_cast<int>(H),
+  const StreamSmem lay = cuda_experts::stream_one_launch_smem(static_cast<int>(T), static_cast<int>(K), static_cast<int>(H),
                                                        static_cast<int>(I));
   return lay.fit_stages(d.smem_optin);
 }
@@ -544,7 +544,7 @@ void launch_stream_moe(const StreamMoeParams& m, size_t smem, int grid, cudaStre
   int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   set_smem_limit(reinterpret_cast<const void*>(kernel), device_info(dev).smem_optin, done);
-  // Cooperative: every CTA resident at once, which the grid barrier between the phases needs
+  // Cooperative: every CTA resident at once, which the readiness waits between the phases need
   // (captured into CUDA graphs as such).
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeCooperative;
@@ -566,7 +566,7 @@ void run_stream_moe(const at::Tensor& x, const at::Tensor& logits, const at::Ten
   StreamMoeParams m{StreamParams{x.data_ptr(), gate_up.data_ptr(), down.data_ptr(), nullptr, nullptr, act.data_ptr(),
                                  out.data_ptr(), T, K, E, H, I, stream_moe_stages(T, K, H, I, d)},
                     logits.data_ptr<float>(), r};
-  const size_t smem = cuda_experts::stream_moe_smem(T, K, H, I).total(m.e.stages);
+  const size_t smem = cuda_experts::stream_one_launch_smem(T, K, H, I).total(m.e.stages);
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   if (cuda_experts::stream_pairs_per_pass(T) == 8) {
     if (bf16) launch_stream_moe<__nv_bfloat16, 1>(m, smem, d.sms, stream);
@@ -616,8 +616,12 @@ at::Tensor moe_cuda(const at::Tensor& hidden, const std::optional<at::Tensor>& r
 
   // sm_90: the stream kernel (routing in every CTA, then the experts op's stream phases), or
   // the composition where it cannot run.
+  // Auto takes it where all act rows stay in shared memory (T*K <= 32); beyond, the composition's
+  // two-launch experts op is faster (see use_one_stream_launch in experts.cu).
   if (path == MoePath::kStream || (path == MoePath::kAuto && info.major >= 9)) {
     if (!stream_moe_fits(hidden, gate_up, down, T, top_k, E, n_group, scoring, info)) return composite();
+    if (path == MoePath::kAuto && cuda_experts::stream_down_staged(static_cast<int>(T), static_cast<int>(top_k)))
+      return composite();
     const at::Tensor logits = moe_logits(hidden, router_weight, router_logits);
     if (validation_enabled()) {
       ALLOCMOE_CHECK(at::isfinite(logits).all().item<bool>(), "allocmoe.moe: router logits contain NaN or Inf");
