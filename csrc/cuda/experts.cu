@@ -260,17 +260,19 @@ bool stream_fits(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const De
 }
 
 // One launch (stream_experts_kernel: each expert's down work starts as soon as its act is complete
-// grid-wide) or two (gate_up, then down once the whole gate_up grid is done). Measured on H100
-// (bench/stream_kernel_harness.cu mid flushed, DeepSeek-V2-Lite shape, us, one / two): T=1 41.6 /
-// 44.5, T=4 117.2 / 118.6, but T=16 304.4 / 292.0, T=64 434.7 / 401.0: where the down phase stages
-// act next to its weights, one launch has to use the double-size stages in gate_up too (half the
-// ring depth). So auto takes one launch where all act rows stay in shared memory.
-// ALLOCMOE_STREAM_LAUNCHES=one|two forces either (tests run both).
+// grid-wide, stream_ready.cuh) or two (gate_up, then down once the whole gate_up grid is done).
+// Measured on H100, DeepSeek-V2-Lite shape, us, one / two:
+//   bench/stream_kernel_harness.cu mid flushed (experts alone after an L2 flush): T=1 41.6 / 44.5,
+//   T=4 117.2 / 118.6; T=16 304.4 / 292.0, T=64 434.7 / 401.0 (where act is staged next to the
+//   weights, one launch has to use the double-size stages in gate_up too: 3 instead of 8 stages);
+//   bench/bench_layer.py (route op, then experts; one launch at T*K <= 32): T=1 46.5 / 46.5,
+//   T=1 half budget 31.4 / 28.8, T=4 122.1 / 120.7. The layer loses what the kernel alone gains:
+//   a cooperative launch apparently cannot start while the routing grid drains (not measured).
+// So auto keeps the two launches; ALLOCMOE_STREAM_LAUNCHES=one|two forces either (tests run both).
 // A forced one launch that cannot run (cooperative launch, ring depth) runs the two.
 bool use_one_stream_launch(const StreamParams& p, const DeviceInfo& d) {
   const int forced = env_choice("allocmoe.experts", "ALLOCMOE_STREAM_LAUNCHES", {"auto", "one", "two"});
-  const bool fits = d.coop && stream_stages(stream_one_launch_smem(p.T, p.K, p.H, p.I), d) >= kStreamMinStages;
-  return fits && (forced == 0 ? !stream_down_staged(p.T, p.K) : forced == 1);
+  return forced == 1 && d.coop && stream_stages(stream_one_launch_smem(p.T, p.K, p.H, p.I), d) >= kStreamMinStages;
 }
 
 template <typename Elem, int NT>
