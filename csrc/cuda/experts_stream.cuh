@@ -28,6 +28,10 @@
 //      second producer warp copies each stage's act pieces into the stage next to its weight
 //      rows, once the gate_up grid is done (griddepcontrol.wait), so they arrive as far ahead
 //      of the consumers as the weights do (stream_down_staged).
+// The same two phases also run as ONE cooperative launch (stream_experts_kernel, and the fused moe
+// kernel of moe_stream.cuh): the operand warp releases each expert's act through readiness
+// counters (stream_ready.cuh) and brings act rows to the down phase as each expert completes.
+// The experts op takes it only when forced (ALLOCMOE_STREAM_LAUNCHES=one; see experts.cu).
 // Inside a stage the 8 consumer warps split k (32-wide chunks), multiply with mma.sync m16n8k16
 // on the permuted-k fragments of experts_mma.cuh (a thread reads 16 contiguous bytes of rows g
 // and g+8 and of its token), and meet in shared memory in warp order at the end of an item.
