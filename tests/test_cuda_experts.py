@@ -235,25 +235,7 @@ def test_stream_one_launch_graph_replay(monkeypatch):
         pytest.skip("the stream path needs sm_90")
     monkeypatch.setenv("ALLOCMOE_EXPERTS_PATH", "stream")
     monkeypatch.setenv("ALLOCMOE_STREAM_LAUNCHES", "one")
-    T, E, K = 4, 64, 6
-    x, gu, dn, w, ids = [to_cuda(t) for t in make_inputs(T, E, K, 1024, 512, torch.bfloat16, seed=1)[:5]]
-    ops.experts(x, gu, dn, w, ids)  # warm-up outside capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = ops.experts(x, gu, dn, w, ids)
-    for seed in (2, 3):
-        nx, _, _, nw, nids, _, _ = make_inputs(T, E, K, 1024, 512, torch.bfloat16, seed=seed)
-        x.copy_(nx.cuda())
-        w.copy_(nw.cuda())
-        ids.copy_(nids.cuda())
-        out.fill_(float("nan"))
-        for _ in range(3):
-            graph.replay()
-        torch.cuda.synchronize()
-        ref = run_cpu((nx, gu.cpu(), dn.cpu(), nw, nids, None, None))
-        assert torch.isfinite(out).all()
-        assert rel_err(out, ref) < 1e-2
+    check_graph_replay(4, 64, 6, 1024, 512, replays=3)
 
 
 def test_stream_past_16_tokens_runs_three_launches(monkeypatch):
@@ -331,29 +313,32 @@ def test_run_to_run_deterministic(path, monkeypatch):
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("path", FAST_PATHS)
-def test_cuda_graph_capture_and_replay(path, monkeypatch):
+def check_graph_replay(T, E, K, H, I, replays=1):
     """Captured once, replayed on new routing and activations written into the same buffers."""
-    monkeypatch.setenv("ALLOCMOE_EXPERTS_PATH", path)
-    T, E, K = 24, 64, 6
-    first = [to_cuda(t) for t in make_inputs(T, E, K, 64, 96, torch.bfloat16, seed=1)[:5]]
-    x, gu, dn, w, ids = first
+    x, gu, dn, w, ids = [to_cuda(t) for t in make_inputs(T, E, K, H, I, torch.bfloat16, seed=1)[:5]]
     ops.experts(x, gu, dn, w, ids)  # warm-up outside capture (kernel attributes, allocator)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = ops.experts(x, gu, dn, w, ids)
     for seed in (2, 3):
-        nx, _, _, nw, nids, _, _ = make_inputs(T, E, K, 64, 96, torch.bfloat16, seed=seed)
+        nx, _, _, nw, nids, _, _ = make_inputs(T, E, K, H, I, torch.bfloat16, seed=seed)
         x.copy_(nx.cuda())
         w.copy_(nw.cuda())
         ids.copy_(nids.cuda())
         out.fill_(float("nan"))
-        graph.replay()
+        for _ in range(replays):
+            graph.replay()
         torch.cuda.synchronize()
         ref = run_cpu((nx, gu.cpu(), dn.cpu(), nw, nids, None, None))
         assert torch.isfinite(out).all()
         assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("path", FAST_PATHS)
+def test_cuda_graph_capture_and_replay(path, monkeypatch):
+    monkeypatch.setenv("ALLOCMOE_EXPERTS_PATH", path)
+    check_graph_replay(24, 64, 6, 64, 96)
 
 
 @pytest.mark.parametrize("T", [3, 300])

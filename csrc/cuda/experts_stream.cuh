@@ -77,19 +77,12 @@ __host__ __device__ constexpr int stream_x_rows(int T) { return T <= kStreamXRow
 constexpr int kStreamRedStride = kStreamRows + 1;  // floats per (warp, pair) in the reduction buffer
 // Pairs (token, expert) multiplied per pass: one n8 tile up to 8 tokens, two up to 16.
 __host__ __device__ constexpr int stream_pairs_per_pass(int T) { return T <= 8 ? 8 : 16; }
-// Up to this many slots (T*K) the down phase loads every act row once, before its first unit;
-// beyond it, the rows of the next unit load while the current one is multiplied. Measured on
-// H100 (T=1): with the HBM queues full of weight copies an L2 round trip takes microseconds,
-// and one per unit (six at top-6) left the down consumers waiting most of the time.
+// Up to this many slots (T*K, and T <= kStreamXRows) the down phase holds every act row in
+// shared memory, loaded once; beyond it the act rows come in the stages (stream_down_staged).
+// Measured on H100 (T=1): with the HBM queues full of weight copies an L2 round trip takes
+// microseconds, and one per unit (six at top-6) left the down consumers waiting most of the time.
 constexpr int kStreamResidentSlots = 32;
 static_assert(kStreamResidentSlots <= kActBars, "an act mbarrier per used expert of the resident down phase");
-__host__ __device__ constexpr bool stream_act_resident(int T, int K) { return T * K <= kStreamResidentSlots; }
-// act rows the down phase holds in shared memory (expert-major: one pass's rows).
-__host__ __device__ constexpr int stream_act_rows(int T, int K) {
-  return !stream_x_resident(T) ? stream_pairs_per_pass(T)
-         : stream_act_resident(T, K) && T * K > 2 * stream_pairs_per_pass(T) ? T * K
-                                                                              : 2 * stream_pairs_per_pass(T);
-}
 
 // Timing hooks for the standalone harness only (never defined in the library build).
 #ifdef ALLOCMOE_STREAM_TRACE
@@ -181,7 +174,7 @@ __host__ __device__ inline StreamSmem stream_one_launch_smem(int T, int K, int H
   return StreamSmem::of_bytes(x_bytes > act_bytes ? x_bytes : act_bytes, staged ? stream_pairs_per_pass(T) : 0);
 }
 __host__ __device__ inline StreamSmem stream_down_smem(int T, int K, int I) {
-  return stream_down_staged(T, K) ? StreamSmem(0, I, stream_pairs_per_pass(T)) : StreamSmem(stream_act_rows(T, K), I);
+  return stream_down_staged(T, K) ? StreamSmem(0, I, stream_pairs_per_pass(T)) : StreamSmem(T * K, I);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -740,16 +733,14 @@ __device__ __forceinline__ void produce_down_act(const StreamParams& p, const St
     }
 }
 
-// The down phase's consumers; act must be complete and visible once wait_for_previous_grid()
-// returns (the experts op: the gate_up grid; the fused kernel: the grid barrier came before).
-// bufs: stream_act_rows(T, K) act rows of pitch act_pitch (all of them, or two buffers of NT*8);
-// staged: none, the act rows come in the stages (produce_down_act).
-// sig (one launch, all act rows resident): the operand warp loads them, expert by expert.
+// The down phase's consumers. staged: the act rows come in the stages (produce_down_act);
+// otherwise all T*K act rows are resident at bufs (row slot at bufs + slot * act_pitch), loaded
+// here once the gate_up grid is done (two launches: wait_for_previous_grid) or, with sig (one
+// launch), by the operand warp expert by expert.
 template <typename T, int NT>
 __device__ __forceinline__ void consume_down(const StreamParams& p, const StreamLists& L, const StreamShared& sh,
                                              unsigned char* smem, unsigned char* bufs, int act_pitch, RingPos& pos,
                                              bool staged = false, StreamSignals* sig = nullptr) {
-  constexpr int kBufRows = NT * 8;
   const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, c = lane & 3;
   const int H = p.H, I = p.I, K = p.K, ntok = p.T;
   const int tiles = H / kStreamRows;
@@ -757,25 +748,13 @@ __device__ __forceinline__ void consume_down(const StreamParams& p, const Stream
   float* pair_sums = reinterpret_cast<float*>(smem + StreamSmem::kPairSumsAt);
   float* out_acc = reinterpret_cast<float*>(smem + StreamSmem::kOutAccAt);
   const T* act = static_cast<const T*>(p.act);
-  // act rows of unit u's pairs -> buffer b (16-byte cp.async; one commit group per unit).
-  auto load_act = [&](const DownUnit<NT>& u, int b) {
-    const int s0 = L.start[u.j], npass = min(kBufRows, L.start[u.j + 1] - s0 - u.p0), vec = I / 8;
-    for (int idx = tid; idx < npass * vec; idx += kStreamConsumers) {
-      const int pl = idx / vec, v = idx % vec;
-      cp_async16(bufs + (size_t)(b * kBufRows + pl) * act_pitch + v * 16,
-                 act + (size_t)L.list[s0 + u.p0 + pl] * I + v * 8, 16);
-    }
-    cp_async_commit();
-  };
   for (int idx = tid; idx < ntok * kStreamRows; idx += kStreamConsumers) out_acc[idx] = 0.f;
 
   wait_for_previous_grid();
   STREAM_TRACE(6);
   DownUnit<NT> u{static_cast<int>(blockIdx.x), 0, 0};
   if (u.tile >= tiles) return;
-  const bool resident = !staged && stream_act_resident(ntok, K);
-  // staged: the operand warp copies act into each stage, nothing to load here.
-  if (resident && sig == nullptr) {  // every valid slot's row, at bufs + slot * act_pitch
+  if (!staged && sig == nullptr) {  // every valid slot's row, at bufs + slot * act_pitch
     const int vec = I / 8, nvalid = L.start[L.nused];
     for (int idx = tid; idx < nvalid * vec; idx += kStreamConsumers) {
       const int slot = L.list[idx / vec], v = idx % vec;
@@ -783,29 +762,19 @@ __device__ __forceinline__ void consume_down(const StreamParams& p, const Stream
     }
     cp_async_commit();
     cp_async_wait<0>();
-  } else if (!resident && !staged) {
-    load_act(u, 0);
+    consumers_sync();
   }
-  for (int q = 0; u.tile < tiles; ++q) {
+  while (u.tile < tiles) {
     DownUnit<NT> nx = u;
     nx.next(L);
-    if (!resident && !staged) {
-      if (nx.tile < tiles) load_act(nx, (q + 1) & 1);
-      else cp_async_commit();  // an empty group keeps the count below uniform
-      cp_async_wait<1>();      // this unit's rows have landed (the next unit's may still fly)
-    }
-    if (!staged) consumers_sync();
-    if (resident && sig != nullptr) mbar_wait(smem_addr(&sig->act[u.j]), 0);
+    if (!staged && sig != nullptr) mbar_wait(smem_addr(&sig->act[u.j]), 0);
 
-    const int s0 = L.start[u.j], npairs = L.start[u.j + 1] - s0, npass = min(kBufRows, npairs - u.p0);
-    const unsigned char* buf = bufs + (size_t)(q & 1) * kBufRows * act_pitch;
-    const T* brow[NT];
+    const int s0 = L.start[u.j], npairs = L.start[u.j + 1] - s0, npass = min(NT * 8, npairs - u.p0);
+    const T* brow[NT];  // staged: unused (the rows are in the stages)
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
       const int pl = nt * 8 + g < npass ? nt * 8 + g : 0;
-      const unsigned char* row =
-          resident ? bufs + (size_t)L.list[s0 + u.p0 + pl] * act_pitch : buf + (size_t)pl * act_pitch;
-      brow[nt] = reinterpret_cast<const T*>(row) + 8 * c;
+      brow[nt] = reinterpret_cast<const T*>(bufs + (size_t)L.list[s0 + u.p0 + pl] * act_pitch) + 8 * c;
     }
     float acc[NT][4];
     if (staged)
