@@ -118,3 +118,15 @@ def test_bad_arguments_name_the_flag(bench, capsys):
     with pytest.raises(SystemExit):
         bench.parse_args(["--tokens", "1,x"])
     assert "--tokens" in capsys.readouterr().err
+
+
+def test_cold_start_probe_says_it_needs_a_gpu():
+    """bench/cold_start_probe.py measures on CUDA only; elsewhere it must say so and exit 0."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the probe would measure")
+    import subprocess
+
+    probe = os.path.join(os.path.dirname(BENCH), "cold_start_probe.py")
+    done = subprocess.run([sys.executable, probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "needs a CUDA GPU" in done.stdout
