@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import os
+import subprocess
 import sys
 
 import pytest
@@ -124,8 +125,6 @@ def test_cold_start_probe_says_it_needs_a_gpu():
     """bench/cold_start_probe.py measures on CUDA only; elsewhere it must say so and exit 0."""
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the probe would measure")
-    import subprocess
-
     probe = os.path.join(os.path.dirname(BENCH), "cold_start_probe.py")
     done = subprocess.run([sys.executable, probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

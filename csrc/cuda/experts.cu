@@ -268,10 +268,10 @@ bool stream_fits(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const De
 //   bench/bench_layer.py (route op, then experts; one launch at T*K <= 32): T=1 46.5 / 46.5,
 //   T=1 half budget 31.4 / 28.8, T=4 122.1 / 120.7. The layer loses what the kernel alone gains.
 //   Why (bench/cold_start_probe.py, session 9): not the cooperative attribute (a plain launch,
-//   tried: within 0.4 us at T=1, 1 us slower at T=4) but the bench's L2 flush, which also evicts the kernels'
-//   code, constants and counters; the bigger one-launch kernel pays more for refetching them
-//   (cold: 45.2 / 45.6 us one / two at T=1, 29.9 / 28.4 half budget; after a sleep instead of
-//   the flush: 42.6 / 44.3 and 26.1 / 27.5).
+//   tried: within 0.4 us at T=1, 1 us slower at T=4); mostly what the bench's L2 flush also
+//   evicts (code, constants, counters), which the bigger one-launch kernel refetches behind the
+//   route kernel: us one / two at T=1 after the flush 45.2 / 45.6 (half budget 29.9 / 28.4),
+//   after the flush + a tiny call of the same op 43.6 / 45.0, after a sleep 42.6 / 44.3.
 // So auto keeps the two launches; ALLOCMOE_STREAM_LAUNCHES=one|two forces either (tests run both).
 // A forced one launch that cannot run (cooperative launch, ring depth) runs the two.
 bool use_one_stream_launch(const StreamParams& p, const DeviceInfo& d) {
