@@ -45,17 +45,16 @@ E, H, I, TOP_K = 64, 2048, 1408, 6
 
 
 def layer_call(path, x, logits, gate_up, down, budget):
+    from allocmoe_ext import ops  # the ops' Python wrappers own their schemas
+
     if path.startswith("ours"):
-        w, ids = torch.ops.allocmoe.route(logits, TOP_K, budget, 1)
-        return torch.ops.allocmoe.experts(x, gate_up, down, w, ids)
-    return torch.ops.allocmoe.moe(x, None, gate_up, down, TOP_K, budget, 1, "softmax", None, 1, 1, False, 1.0,
-                                  None, None, None, logits)
+        w, ids = ops.route(logits, TOP_K, budget, k_base=1)
+        return ops.experts(x, gate_up, down, w, ids)
+    return ops.moe(x, None, gate_up, down, TOP_K, budget, k_base=1, router_logits=logits)
 
 
 def measure(path, reps, profile):
     """One path, in this process: {case: {state: {mode: median us}}} (+ per-kernel profile)."""
-    import allocmoe_ext  # noqa: F401  (registers torch.ops.allocmoe)
-
     dev = torch.device("cuda")
     g = torch.Generator(device=dev)
     g.manual_seed(0)
