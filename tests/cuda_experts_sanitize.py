@@ -37,7 +37,7 @@ def case(T, E, K, H, I, path, dtype=torch.bfloat16, activation="silu", bias=Fals
 
 def main():
     ok = True
-    for path in ("stream", "decode", "skinny", "prefill"):
+    for path in ("stream", "decode", "skinny", "prefill", "wide"):
         for T in (1, 5, 40, 200):
             ok &= case(T, 16, 4, 64, 96, path)
     ok &= case(40, 8, 4, 512, 160, "skinny")  # several k blocks through the shared-memory ring
@@ -50,6 +50,9 @@ def main():
     for T in (16, 40, 4):
         ok &= case(T, 64, 6, 1024, 512, "stream")
     del os.environ["ALLOCMOE_STREAM_LAUNCHES"]
+    # the wide path (tensor-map weights, token rows by cp.async): a down k tail, several tiles per expert
+    for T in (3, 40, 130):
+        ok &= case(T, 8, 4, 256, 320, "wide")
     ok &= case(6, 8, 3, 40, 24, "generic", dtype=torch.float32, activation="swiglu_oai", bias=True)
     sys.exit(0 if ok else 1)
 

@@ -1,5 +1,5 @@
-"""Small driver for compute-sanitizer (memcheck, racecheck): every CUDA path of route and moe once, and the
-experts op's stream path with act in the stages and past 16 tokens."""
+"""Small driver for compute-sanitizer (memcheck, racecheck): every CUDA path of route and moe once, the
+experts op's stream path with act in the stages and past 16 tokens, and its wide path."""
 
 import os
 
@@ -34,5 +34,15 @@ for T, E, K in ((8, 16, 6), (40, 16, 4), (64, 8, 8)):
         ids[:, :] = torch.arange(K, device="cuda", dtype=torch.int32)
     ops.experts(torch.randn(T, H, device="cuda").bfloat16(), torch.randn(E, 2 * I, H, device="cuda").bfloat16(),
                 torch.randn(E, H, I, device="cuda").bfloat16(), torch.rand(T, K, device="cuda"), ids)
+# The wide path (sm_90; elsewhere it falls back): tensor-map weight boxes and cp.async token rows in one
+# ring, a down stage of 64 k (I = 320), several 32-pair tiles on one expert (skewed).
+if torch.cuda.get_device_capability()[0] >= 9:
+    os.environ["ALLOCMOE_EXPERTS_PATH"] = "wide"
+    for T, E, K, skew in ((3, 16, 4, False), (70, 8, 4, True)):
+        ids = torch.stack([torch.randperm(E, device="cuda")[:K] for _ in range(T)]).int()
+        if skew:
+            ids[:, :] = torch.arange(K, device="cuda", dtype=torch.int32)
+        ops.experts(torch.randn(T, H, device="cuda").bfloat16(), torch.randn(E, 640, H, device="cuda").bfloat16(),
+                    torch.randn(E, H, 320, device="cuda").bfloat16(), torch.rand(T, K, device="cuda"), ids)
 torch.cuda.synchronize()
 print("sanitizer driver done")

@@ -1,7 +1,8 @@
 """CUDA `experts` op against the CPU op (docs/OPS.md), on fresh random inputs.
 
 Every path of the CUDA op is run at every shape by forcing it through ALLOCMOE_EXPERTS_PATH
-(stream / decode / skinny / prefill / generic; see csrc/cuda/experts.cu), so a shape threshold never hides a path.
+(stream / decode / skinny / prefill / generic / wide; see csrc/cuda/experts.cu), so a shape threshold never
+hides a path.
 Outputs come from the caching allocator, which is flooded with NaN before each run, so an element
 the kernel forgets to write shows up as NaN. Skipped without a GPU or a CUDA build.
 """
@@ -16,8 +17,8 @@ from cuda_marks import CUDA_ONLY
 
 pytestmark = CUDA_ONLY
 
-PATHS = ("auto", "stream", "decode", "skinny", "prefill", "generic")
-FAST_PATHS = ("stream", "decode", "skinny", "prefill")
+PATHS = ("auto", "stream", "decode", "skinny", "prefill", "generic", "wide")
+FAST_PATHS = ("stream", "decode", "skinny", "prefill", "wide")
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
 
@@ -268,6 +269,51 @@ def test_stream_repeated_ids_take_several_passes(monkeypatch):
     ref = run_cpu((x, gu, dn, w, ids, None, None))
     out = run_cuda((x, gu, dn, w, ids, None, None), path="stream", monkeypatch=monkeypatch)
     assert torch.isfinite(out).all() and rel_err(out, ref) < 1e-2
+
+
+def needs_sm90():
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the path needs sm_90")
+
+
+@pytest.mark.parametrize(
+    "T,E,K,H,I,skew,dtype",
+    [
+        (1, 64, 6, 2048, 1408, False, torch.bfloat16),
+        (17, 64, 6, 2048, 1408, False, torch.bfloat16),
+        (40, 16, 4, 1024, 320, False, torch.bfloat16),  # down: a last stage of 64 k (zeros past I)
+        (64, 60, 5, 1024, 704, False, torch.float16),
+        (100, 8, 8, 256, 128, True, torch.bfloat16),  # 100 pairs per expert: 4 tiles, the last partial
+        (256, 64, 6, 2048, 1408, False, torch.bfloat16),  # DeepSeek-V2-Lite at T=256
+        (300, 128, 7, 512, 192, False, torch.bfloat16),
+        (512, 64, 8, 256, 64, False, torch.bfloat16),  # one row block of gate_up, half a stage of down k
+    ],
+)
+def test_wide_shapes(T, E, K, H, I, skew, dtype, monkeypatch):
+    """The wide path where it runs (sm_90, I % 64 == 0, H % 128 == 0): its own kernels (not a
+    fallback), equal to the CPU op, bitwise the same on a second run."""
+    needs_sm90()
+    inputs = make_inputs(T, E, K, H, I, dtype, seed=T + E + I, skew=skew, drop=0.0 if skew else 0.3)
+    ref = run_cpu(inputs)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = run_cuda(inputs, path="wide", monkeypatch=monkeypatch)
+    names = " ".join(e.name for e in prof.events())
+    assert all(k in names for k in ("prefill_align_kernel", "wide_kernel", "combine_slots_kernel")), names[:2000]
+    assert torch.isfinite(out).all()
+    assert rel_err(out, ref) < TOL[dtype]
+    assert torch.equal(run_cuda(inputs, path="wide", monkeypatch=monkeypatch), out)
+
+
+def test_wide_graph_replay_and_no_slots(monkeypatch):
+    """The wide path captured in a CUDA graph replays on new routing; with every slot dropped it
+    writes zeros (no tile at all)."""
+    needs_sm90()
+    monkeypatch.setenv("ALLOCMOE_EXPERTS_PATH", "wide")
+    check_graph_replay(40, 64, 6, 256, 128, replays=2)
+    x, gu, dn, w, ids, _, _ = make_inputs(5, 8, 3, 256, 128, torch.bfloat16, seed=1)
+    ids[:] = -1
+    out = run_cuda((x, gu, dn, w, ids, None, None), path="wide", monkeypatch=monkeypatch)
+    assert torch.equal(out.cpu(), torch.zeros(5, 256, dtype=torch.bfloat16))
 
 
 def test_auto_path_choice(monkeypatch):

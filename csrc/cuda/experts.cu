@@ -15,14 +15,19 @@
 //   - skinny (experts_skinny.cuh): mid T (a few dozen tokens per expert on average) on the
 //     standard case; weights on the wide MMA side, each expert's tokens on the narrow side,
 //     every expert's weights streamed once; memory-bound.
+//   - wide (experts_wide.cuh): mid T on sm_90 with I % 64 == 0 and H % 128 == 0; the weights of
+//     128-row items come through tensor-map copies into a shared-memory ring while the consumer
+//     warps multiply (warp specialisation), the tokens' rows in the same stages. Reached only
+//     when forced until it is measured against skinny (docs/KERNELS.md, "wide path").
 //   - prefill (experts_prefill.cuh): larger T on the standard case; device-side alignment and
 //     two grouped tensor-core GEMMs with 128-token tiles.
 //   - generic (below): everything else (fp32, swiglu_oai, biases, any strides); one thread per
 //     output element, simple and correct, not fast.
-// The environment variable ALLOCMOE_EXPERTS_PATH=stream|decode|skinny|prefill|generic forces a path
-// (read on every call; tests use it to run every path at every T). A forced fast path on a
+// The environment variable ALLOCMOE_EXPERTS_PATH=stream|decode|skinny|prefill|generic|wide forces
+// a path (read on every call; tests use it to run every path at every T). A forced fast path on a
 // non-standard case falls back to generic; a forced decode or skinny past its slot limit falls
-// back to prefill; a forced stream path it cannot take (T, T*K, device) falls back to decode.
+// back to prefill; a forced stream path it cannot take (T, T*K, device) falls back to decode; a
+// forced wide path it cannot take (device, H, I, tensor maps) falls back to skinny or prefill.
 // All paths are deterministic run to run (fixed summation orders, no floating-point atomics).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -43,6 +48,8 @@
 #include "experts_prefill.cuh"
 #include "experts_skinny.cuh"
 #include "experts_stream.cuh"
+#include "experts_wide.cuh"
+#include "tensor_map.h"
 #include "validation.h"
 
 namespace allocmoe {
@@ -381,38 +388,36 @@ void run_skinny(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor
                                     CombineParams{p.y, p.ids, out.data_ptr(), T, K, E, H}));
 }
 
-template <typename Elem>
-void run_prefill(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, const at::Tensor& weights,
-                 const at::Tensor& ids, at::Tensor& out, cudaStream_t stream) {
+// The align kernel's lists and tile table, act (rows in sorted order) and y, carved out of one
+// scratch allocation (kept alive by `scratch` until the launches are queued): the prefill and
+// wide paths.
+PrefillParams aligned_params(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down,
+                             const at::Tensor& weights, const at::Tensor& ids, at::Tensor& out, int max_tiles,
+                             at::Tensor& scratch) {
   const int T = x.size(0), H = x.size(1), E = gate_up.size(0), I = gate_up.size(1) / 2, K = ids.size(1);
   const int64_t TK = (int64_t)T * K;
-  const int max_tiles = prefill_max_tiles(TK, E);
   Scratch s;
   const int64_t sorted_at = s.take(TK * 4), offset_at = s.take((int64_t)(E + 1) * 4);
   const int64_t texp_at = s.take((int64_t)max_tiles * 4), trow_at = s.take((int64_t)max_tiles * 4);
   const int64_t ntiles_at = s.take(4);
   const int64_t act_at = s.take(TK * I * x.element_size()), y_at = s.take(TK * H * 4);
-  at::Tensor scratch = at::empty({s.bytes}, x.options().dtype(at::kByte));
+  scratch = at::empty({s.bytes}, x.options().dtype(at::kByte));
   char* base = static_cast<char*>(scratch.data_ptr());
-  PrefillParams p{x.data_ptr(),
-                  gate_up.data_ptr(),
-                  down.data_ptr(),
-                  weights.data_ptr<float>(),
-                  ids.data_ptr<int>(),
-                  reinterpret_cast<int*>(base + sorted_at),
-                  reinterpret_cast<int*>(base + offset_at),
-                  reinterpret_cast<int*>(base + texp_at),
-                  reinterpret_cast<int*>(base + trow_at),
-                  reinterpret_cast<int*>(base + ntiles_at),
-                  base + act_at,
-                  reinterpret_cast<float*>(base + y_at),
-                  out.data_ptr(),
-                  T,
-                  K,
-                  E,
-                  H,
-                  I};
-  prefill_align_kernel<<<1, kAlignThreads, 3 * E * sizeof(int), stream>>>(p);
+  auto ints = [base](int64_t at) { return reinterpret_cast<int*>(base + at); };
+  return PrefillParams{x.data_ptr(), gate_up.data_ptr(), down.data_ptr(), weights.data_ptr<float>(),
+                       ids.data_ptr<int>(), ints(sorted_at), ints(offset_at), ints(texp_at), ints(trow_at),
+                       ints(ntiles_at), base + act_at, reinterpret_cast<float*>(base + y_at), out.data_ptr(),
+                       T, K, E, H, I};
+}
+
+template <typename Elem>
+void run_prefill(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, const at::Tensor& weights,
+                 const at::Tensor& ids, at::Tensor& out, cudaStream_t stream) {
+  const int T = x.size(0), H = x.size(1), E = gate_up.size(0), I = gate_up.size(1) / 2, K = ids.size(1);
+  const int max_tiles = prefill_max_tiles((int64_t)T * K, E);
+  at::Tensor scratch;
+  const PrefillParams p = aligned_params(x, gate_up, down, weights, ids, out, max_tiles, scratch);
+  prefill_align_kernel<<<1, kAlignThreads, 3 * E * sizeof(int), stream>>>(p, kBM);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   prefill_gate_up_kernel<Elem><<<dim3((I + kBN / 2 - 1) / (kBN / 2), max_tiles), kGemmThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -420,6 +425,44 @@ void run_prefill(const at::Tensor& x, const at::Tensor& gate_up, const at::Tenso
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   combine_slots_kernel<Elem><<<T, 256, 0, stream>>>(CombineParams{p.y, p.ids, p.out, T, K, E, H});
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+bool wide_fits(int64_t H, int64_t I, const DeviceInfo& d) {
+  return d.major >= 9 && I % kWideGateUpBoxRows == 0 && H % kWideRows == 0 && H <= INT_MAX / 2 &&
+         wide_fit_stages(d.smem_optin) >= kWideMinStages;
+}
+
+// Returns false, having launched nothing, when the driver cannot encode the weights' tensor maps.
+template <typename Elem>
+bool run_wide(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& down, const at::Tensor& weights,
+              const at::Tensor& ids, at::Tensor& out, cudaStream_t stream) {
+  const int T = x.size(0), H = x.size(1), E = gate_up.size(0), I = gate_up.size(1) / 2, K = ids.size(1);
+  CUtensorMap gate_up_map, down_map;
+  if (!cuda::encode_weight_map(&gate_up_map, gate_up.data_ptr(), E, 2 * I, H, kWideK, kWideGateUpBoxRows) ||
+      !cuda::encode_weight_map(&down_map, down.data_ptr(), E, H, I, kWideK, kWideDownBoxRows))
+    return false;
+  at::Tensor scratch;
+  const PrefillParams p =
+      aligned_params(x, gate_up, down, weights, ids, out, prefill_max_tiles((int64_t)T * K, E, kWidePairs), scratch);
+  const DeviceInfo& d = cuda::device_info(x.get_device());
+  const int stages = wide_fit_stages(d.smem_optin), smem = wide_smem_bytes(stages);
+  static bool gate_up_done[64] = {}, down_done[64] = {};
+  set_smem_limit(reinterpret_cast<const void*>(&wide_kernel<Elem, true>), smem, gate_up_done);
+  set_smem_limit(reinterpret_cast<const void*>(&wide_kernel<Elem, false>), smem, down_done);
+  prefill_align_kernel<<<1, kAlignThreads, 3 * E * sizeof(int), stream>>>(p, kWidePairs);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // gate_up, down and combine are programmatic dependent launches (captured into CUDA graphs as
+  // such): each may start while the grid before it drains.
+  cudaLaunchAttribute pdl{};
+  pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  pdl.val.programmaticStreamSerializationAllowed = 1;
+  const cudaLaunchConfig_t phase{dim3(d.sms), dim3(kStreamThreads), static_cast<size_t>(smem), stream, &pdl, 1};
+  const cudaLaunchConfig_t combine{dim3(T), dim3(256), 0, stream, &pdl, 1};
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&phase, wide_kernel<Elem, true>, p, gate_up_map, stages));
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&phase, wide_kernel<Elem, false>, p, down_map, stages));
+  C10_CUDA_CHECK(
+      cudaLaunchKernelEx(&combine, combine_slots_kernel<Elem>, CombineParams{p.y, p.ids, p.out, T, K, E, H}));
+  return true;
 }
 
 // Validation of ids (only when validation is on): one single-CTA kernel finds the first flat
@@ -456,11 +499,11 @@ void check_ids_in_range(const at::Tensor& ids, int64_t E) {
                  " is out of range [-1, E=", E, ")");
 }
 
-enum class Path { kAuto, kStream, kDecode, kSkinny, kPrefill, kGeneric };
+enum class Path { kAuto, kStream, kDecode, kSkinny, kPrefill, kGeneric, kWide };
 
 Path forced_path() {  // choices in the order of Path
   return static_cast<Path>(env_choice("allocmoe.experts", "ALLOCMOE_EXPERTS_PATH",
-                                      {"auto", "stream", "decode", "skinny", "prefill", "generic"}));
+                                      {"auto", "stream", "decode", "skinny", "prefill", "generic", "wide"}));
 }
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
@@ -503,8 +546,11 @@ at::Tensor experts_cuda(const at::Tensor& hidden, const at::Tensor& gate_up, con
   Path path = Path::kGeneric;
   if (fast && forced != Path::kGeneric) {
     const bool decode_fits = T * K <= kDecodeMaxSlots, skinny_fits = T * K <= kSkinnyMaxSlots;
-    const bool stream_ok = stream_fits(T, K, E, H, gate_up.size(1) / 2, cuda::device_info(x.get_device()));
+    const cuda::DeviceInfo& dev = cuda::device_info(x.get_device());
+    const bool stream_ok = stream_fits(T, K, E, H, gate_up.size(1) / 2, dev);
     if (forced == Path::kStream) path = stream_ok ? Path::kStream : decode_fits ? Path::kDecode : Path::kPrefill;
+    else if (forced == Path::kWide)
+      path = wide_fits(H, gate_up.size(1) / 2, dev) ? Path::kWide : skinny_fits ? Path::kSkinny : Path::kPrefill;
     else if (forced == Path::kDecode) path = decode_fits ? Path::kDecode : Path::kPrefill;
     else if (forced == Path::kSkinny) path = skinny_fits ? Path::kSkinny : Path::kPrefill;
     else if (forced == Path::kPrefill) path = Path::kPrefill;
@@ -512,6 +558,12 @@ at::Tensor experts_cuda(const at::Tensor& hidden, const at::Tensor& gate_up, con
     else if (T <= kDecodeMaxTokens && decode_fits) path = Path::kDecode;
     else if (skinny_fits && T * K <= kSkinnyMaxAvgSlots * E) path = Path::kSkinny;
     else path = Path::kPrefill;
+  }
+  if (path == Path::kWide) {  // falls back when the tensor maps cannot be encoded
+    const bool ran = x.scalar_type() == at::kBFloat16 ? run_wide<__nv_bfloat16>(x, gate_up, down, w, id, out, stream)
+                                                      : run_wide<__half>(x, gate_up, down, w, id, out, stream);
+    if (ran) return out;
+    path = T * K <= kSkinnyMaxSlots ? Path::kSkinny : Path::kPrefill;
   }
   if (path == Path::kGeneric) {
     run_generic(x, gate_up, down, w, id, gate_up_bias, down_bias, activation == Activation::kSwigluOai, swiglu_alpha,

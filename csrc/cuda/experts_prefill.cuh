@@ -38,12 +38,14 @@ struct PrefillParams {
   int T, K, E, H, I;
 };
 
-inline int prefill_max_tiles(int64_t TK, int64_t E) {
-  return static_cast<int>((TK + kBM - 1) / kBM + (E < TK ? E : TK));
+// Most tiles of tile_rows rows the align kernel can make (each used expert's last tile is partial).
+inline int prefill_max_tiles(int64_t TK, int64_t E, int tile_rows = kBM) {
+  return static_cast<int>((TK + tile_rows - 1) / tile_rows + (E < TK ? E : TK));
 }
 
+// Tiles of tile_rows rows (kBM here; the wide path, experts_wide.cuh, takes smaller ones).
 // Shared memory: count[E], cursor[E], tile_start[E].
-__global__ void __launch_bounds__(kAlignThreads) prefill_align_kernel(PrefillParams p) {
+__global__ void __launch_bounds__(kAlignThreads) prefill_align_kernel(PrefillParams p, int tile_rows) {
   extern __shared__ int s_align[];
   int* s_count = s_align;
   int* s_cursor = s_align + p.E;
@@ -63,17 +65,17 @@ __global__ void __launch_bounds__(kAlignThreads) prefill_align_kernel(PrefillPar
       s_tile[e] = tiles;
       p.expert_offset[e] = rows;
       rows += s_count[e];
-      tiles += (s_count[e] + kBM - 1) / kBM;
+      tiles += (s_count[e] + tile_rows - 1) / tile_rows;
     }
     p.expert_offset[p.E] = rows;
     *p.num_tiles = tiles;
   }
   __syncthreads();
   for (int e = tid; e < p.E; e += kAlignThreads) {
-    const int n = (s_count[e] + kBM - 1) / kBM;
+    const int n = (s_count[e] + tile_rows - 1) / tile_rows;
     for (int t = 0; t < n; ++t) {
       p.tile_expert[s_tile[e] + t] = e;
-      p.tile_row[s_tile[e] + t] = s_cursor[e] + t * kBM;
+      p.tile_row[s_tile[e] + t] = s_cursor[e] + t * tile_rows;
     }
   }
   __syncthreads();
