@@ -366,8 +366,9 @@ int main(int argc, char** argv) {
           !allocmoe::cuda::encode_weight_map(&dn_map[l], dn[l], E, H, I, kWideK, kWideDownBoxRows)) { printf("tensor map encode failed\n"); return 1; }
     auto wide = [&](int T, int K, int l, const int* id, bf* o) {
       PrefillParams p{wx, gu[l], dn[l], ww, id, sorted, offset, texp, trow, ntiles, wact, wy, o, T, K, E, H, I};
-      prefill_align_kernel<<<1, kAlignThreads, 3 * E * 4, st>>>(p, kWidePairs);
-      cudaLaunchConfig_t cfg = pdl(dim3(sms), kStreamThreads, wide_smem_bytes(wstages));
+      cudaLaunchConfig_t cfg = pdl(dim3(1), kAlignThreads, 3 * E * 4);
+      CK(cudaLaunchKernelEx(&cfg, prefill_align_kernel, p, (int)kWidePairs));
+      cfg = pdl(dim3(sms), kStreamThreads, wide_smem_bytes(wstages));
       CK(cudaLaunchKernelEx(&cfg, wide_kernel<bf, true>, p, gu_map[l], wstages));
       CK(cudaLaunchKernelEx(&cfg, wide_kernel<bf, false>, p, dn_map[l], wstages));
       cfg = pdl(dim3(T), 256, 0);
@@ -431,6 +432,21 @@ int main(int argc, char** argv) {
       const float f_k = flushed([&](int r) { skinny(T, K, r % L, idl(r), wo); });
       const float f_s = T <= 64 ? flushed([&](int r) { stream2(T, K, r % L, idl(r), wo); }) : 0.f;
       printf("T=%3d K=%d  graph40: wide %.1f skinny %.1f stream %.1f | flushed: wide %.1f skinny %.1f stream %.1f\n", T, K, g_w, g_k, g_s, f_w, f_k, f_s);
+      if (T == 64 || T == 256) {  // per-CTA trace of one wide call after a flush, us from a stamp before it
+        unsigned long long* stamps; CK(cudaMalloc(&stamps, 16));
+        CK(cudaMemsetAsync(tr, 0, 8 * 1024 * 8, st));
+        normal_read_kernel<<<sms * 4, 512, 0, st>>>((const uint4*)fl, (200 << 20) / 16, sink);
+        stamp_kernel<<<1, 1, 0, st>>>(stamps, 0);
+        wide(T, K, 0, idl(0), wo);
+        stamp_kernel<<<1, 1, 0, st>>>(stamps, 1);
+        CK(cudaStreamSynchronize(st));
+        std::vector<unsigned long long> ht(8 * 1024); CK(cudaMemcpy(ht.data(), tr, ht.size() * 8, cudaMemcpyDeviceToHost));
+        unsigned long long hs[2]; CK(cudaMemcpy(hs, stamps, 16, cudaMemcpyDeviceToHost));
+        const char* names[8] = {"gu entry", "gu tiles", "gu 1st stage", "gu end", "dn entry", "dn tiles", "dn 1st stage", "dn end"};
+        printf("  trace wide T=%d (stamp after at %.2f us): min / median / max / CTAs\n", T, (hs[1] - hs[0]) / 1000.0);
+        print_trace(ht, hs[0], sms, names, {0, 1, 2, 3, 4, 5, 6, 7});
+        CK(cudaFree(stamps));
+      }
     }
     CK(cudaDeviceSynchronize());
     printf("done\n");

@@ -449,15 +449,15 @@ bool run_wide(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& 
   static bool gate_up_done[64] = {}, down_done[64] = {};
   set_smem_limit(reinterpret_cast<const void*>(&wide_kernel<Elem, true>), smem, gate_up_done);
   set_smem_limit(reinterpret_cast<const void*>(&wide_kernel<Elem, false>), smem, down_done);
-  prefill_align_kernel<<<1, kAlignThreads, 3 * E * sizeof(int), stream>>>(p, kWidePairs);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // gate_up, down and combine are programmatic dependent launches (captured into CUDA graphs as
-  // such): each may start while the grid before it drains.
+  // All four are programmatic dependent launches (captured into CUDA graphs as such): each may
+  // become resident while the grid before it drains, and waits for it before reading its output.
   cudaLaunchAttribute pdl{};
   pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   pdl.val.programmaticStreamSerializationAllowed = 1;
+  const cudaLaunchConfig_t align{dim3(1), dim3(kAlignThreads), 3 * E * sizeof(int), stream, &pdl, 1};
   const cudaLaunchConfig_t phase{dim3(d.sms), dim3(kStreamThreads), static_cast<size_t>(smem), stream, &pdl, 1};
   const cudaLaunchConfig_t combine{dim3(T), dim3(256), 0, stream, &pdl, 1};
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&align, prefill_align_kernel, p, static_cast<int>(kWidePairs)));
   C10_CUDA_CHECK(cudaLaunchKernelEx(&phase, wide_kernel<Elem, true>, p, gate_up_map, stages));
   C10_CUDA_CHECK(cudaLaunchKernelEx(&phase, wide_kernel<Elem, false>, p, down_map, stages));
   C10_CUDA_CHECK(

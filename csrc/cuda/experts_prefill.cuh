@@ -44,7 +44,9 @@ inline int prefill_max_tiles(int64_t TK, int64_t E, int tile_rows = kBM) {
 }
 
 // Tiles of tile_rows rows (kBM here; the wide path, experts_wide.cuh, takes smaller ones).
-// Shared memory: count[E], cursor[E], tile_start[E].
+// Shared memory: count[E], cursor[E], tile_start[E]. Launched as a programmatic dependent launch
+// (the wide path) it reads ids only once the grid before is done, and lets the next grid's CTAs
+// become resident (and wait) while it runs; launched normally (prefill) both are no-ops.
 __global__ void __launch_bounds__(kAlignThreads) prefill_align_kernel(PrefillParams p, int tile_rows) {
   extern __shared__ int s_align[];
   int* s_count = s_align;
@@ -52,6 +54,8 @@ __global__ void __launch_bounds__(kAlignThreads) prefill_align_kernel(PrefillPar
   int* s_tile = s_align + 2 * p.E;
   const int tid = threadIdx.x, TK = p.T * p.K;
   for (int e = tid; e < p.E; e += kAlignThreads) s_count[e] = 0;
+  wait_for_previous_grid();
+  allow_next_grid();
   __syncthreads();
   for (int i = tid; i < TK; i += kAlignThreads) {
     const int e = p.ids[i];

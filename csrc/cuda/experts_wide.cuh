@@ -98,6 +98,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1) wide_kernel(PrefillParams p
     mbar_init_fence();
   }
   __syncthreads();
+  STREAM_TRACE(kGateUp ? 0 : 4);
   // gate_up: the tile table comes from the align grid right before. down: it was final before
   // the gate_up grid started, so only act (the operand warp) waits for that grid.
   if (kGateUp) wait_for_previous_grid();
@@ -105,6 +106,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1) wide_kernel(PrefillParams p
   const int blocks = kGateUp ? p.I / (kWideRows / 2) : p.H / kWideRows;
   const int kdim = kGateUp ? p.H : p.I;
   const int n_items = *p.num_tiles * blocks;
+  STREAM_TRACE(kGateUp ? 1 : 5);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   RingPos pos;
   if (warp == kStreamWeightWarp) {
@@ -164,6 +166,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1) wide_kernel(PrefillParams p
       for (int k0 = 0; k0 < kdim; k0 += kWideK) {
         const int nch = min(kWideK, kdim - k0) / 32;
         mbar_wait(full0 + 8 * pos.stage, pos.phase);
+        if (item == static_cast<int>(blockIdx.x) && k0 == 0) STREAM_TRACE(kGateUp ? 2 : 6);  // the first stage landed
         const unsigned char* st = ring_ptr + pos.stage * kWideStageBytes;
         const unsigned char* bt = st + kWideABytes + g * kWideBPitch;
 #pragma unroll
@@ -200,6 +203,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1) wide_kernel(PrefillParams p
           }
         }
     }
+    STREAM_TRACE(kGateUp ? 3 : 7);
   }
 }
 
