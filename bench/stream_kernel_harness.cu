@@ -330,10 +330,11 @@ int main(int argc, char** argv) {
   };
   // ---- "wide": the wide path (experts_wide.cuh) against skinny (and stream where it runs), T = 17..512 ----
   if (argc > 1 && strcmp(argv[1], "wide") == 0) {
-    for (auto* f : {(const void*)skinny_gate_up_kernel<bf>, (const void*)skinny_down_kernel<bf>, (const void*)wide_kernel<bf, true>,
-                    (const void*)wide_kernel<bf, false>, (const void*)stream_gate_up_kernel<bf, 2>, (const void*)stream_down_kernel<bf, 2>})
+    for (auto* f : {(const void*)skinny_gate_up_kernel<bf>, (const void*)skinny_down_kernel<bf>, (const void*)wide_kernel<bf, true, 32>,
+                    (const void*)wide_kernel<bf, false, 32>, (const void*)wide_kernel<bf, true, 64>, (const void*)wide_kernel<bf, false, 64>,
+                    (const void*)stream_gate_up_kernel<bf, 2>, (const void*)stream_down_kernel<bf, 2>})
       CK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
-    const int WT = 512, WK = 8, wstages = wide_fit_stages(optin);
+    const int WT = 512, WK = 8;
     {  // bulk-copy granularity: ~554 MB (48 matrices of 2048 x 5632 B), R rows x C bytes per stage, stages to fill ~200 KB
       CK(cudaFuncSetAttribute(copy_probe_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
       const size_t nb = (size_t)48 * 2048 * 5632; char* a; CK(cudaMalloc(&a, 2 * nb));
@@ -345,9 +346,9 @@ int main(int argc, char** argv) {
       }
       CK(cudaFree(a));
     }
-    printf("wide: %d stages of %d B\n", wstages, kWideStageBytes);
+    for (int pairs : {32, 64}) printf("wide, %d-pair tiles: %d stages of %d B\n", pairs, wide_fit_stages(optin, pairs), wide_stage_bytes(pairs));
     bf *wx, *wo; float *ww, *wy; int *wids, *sorted, *offset, *texp, *trow, *ntiles; void* wact;
-    const int max_tiles = prefill_max_tiles(WT * WK, E, kWidePairs);
+    const int max_tiles = prefill_max_tiles(WT * WK, E, 32);
     CK(cudaMalloc(&wx, WT * H * 2)); fill<<<64, 256>>>(wx, WT * H, 99);
     CK(cudaMalloc(&wo, WT * H * 2)); CK(cudaMalloc(&ww, WT * WK * 4)); CK(cudaMalloc(&wy, (size_t)WT * WK * H * 4));
     CK(cudaMalloc(&wids, L * WT * WK * 4)); CK(cudaMalloc(&sorted, WT * WK * 4)); CK(cudaMalloc(&offset, (E + 1) * 4));
@@ -364,13 +365,21 @@ int main(int argc, char** argv) {
     for (int l = 0; l < L; ++l)
       if (!allocmoe::cuda::encode_weight_map(&gu_map[l], gu[l], E, 2 * I, H, kWideK, kWideGateUpBoxRows) ||
           !allocmoe::cuda::encode_weight_map(&dn_map[l], dn[l], E, H, I, kWideK, kWideDownBoxRows)) { printf("tensor map encode failed\n"); return 1; }
-    auto wide = [&](int T, int K, int l, const int* id, bf* o) {
+    // the library's launches (experts.cu launch_wide); pairs 0: the library's choice (wide_pairs)
+    auto wide = [&](int T, int K, int l, const int* id, bf* o, int pairs = 0) {
+      if (pairs == 0) pairs = wide_pairs(T * K, E);
       PrefillParams p{wx, gu[l], dn[l], ww, id, sorted, offset, texp, trow, ntiles, wact, wy, o, T, K, E, H, I};
+      const int stages = wide_fit_stages(optin, pairs);
       cudaLaunchConfig_t cfg = pdl(dim3(1), kAlignThreads, 3 * E * 4);
-      CK(cudaLaunchKernelEx(&cfg, prefill_align_kernel, p, (int)kWidePairs));
-      cfg = pdl(dim3(sms), kStreamThreads, wide_smem_bytes(wstages));
-      CK(cudaLaunchKernelEx(&cfg, wide_kernel<bf, true>, p, gu_map[l], wstages));
-      CK(cudaLaunchKernelEx(&cfg, wide_kernel<bf, false>, p, dn_map[l], wstages));
+      CK(cudaLaunchKernelEx(&cfg, prefill_align_kernel, p, pairs));
+      cfg = pdl(dim3(sms), kStreamThreads, wide_smem_bytes(stages, pairs));
+      if (pairs == 32) {
+        CK(cudaLaunchKernelEx(&cfg, wide_kernel<bf, true, 32>, p, gu_map[l], stages));
+        CK(cudaLaunchKernelEx(&cfg, wide_kernel<bf, false, 32>, p, dn_map[l], stages));
+      } else {
+        CK(cudaLaunchKernelEx(&cfg, wide_kernel<bf, true, 64>, p, gu_map[l], stages));
+        CK(cudaLaunchKernelEx(&cfg, wide_kernel<bf, false, 64>, p, dn_map[l], stages));
+      }
       cfg = pdl(dim3(T), 256, 0);
       CK(cudaLaunchKernelEx(&cfg, combine_slots_kernel<bf>, CombineParams{wy, id, o, T, K, E, H}));
     };
@@ -407,8 +416,10 @@ int main(int argc, char** argv) {
     for (auto& cs : cases) {
       const int T = cs[0], K = cs[1]; const bool skew = cs[2];
       make_ids(T, K, skew, 1);
-      const Compared c = compare_outputs(T, [&](bf* o) { skinny(T, K, 0, wids, o); }, [&](bf* o) { wide(T, K, 0, wids, o); });
-      printf("wide check T=%d K=%d skew=%d: rel diff wide vs skinny %.3g, NaN %d, run-to-run differs %d\n", T, K, (int)skew, c.rel, c.nan, c.nondet);
+      for (int pairs : {32, 64}) {
+        const Compared c = compare_outputs(T, [&](bf* o) { skinny(T, K, 0, wids, o); }, [&](bf* o) { wide(T, K, 0, wids, o, pairs); });
+        printf("wide check T=%d K=%d skew=%d pairs=%d: rel diff wide vs skinny %.3g, NaN %d, run-to-run differs %d\n", T, K, (int)skew, pairs, c.rel, c.nan, c.nondet);
+      }
     }
     char* fl; CK(cudaMalloc(&fl, 200 << 20)); CK(cudaMemset(fl, 1, 200 << 20));
     auto flushed = [&](auto&& call) {
@@ -425,13 +436,15 @@ int main(int argc, char** argv) {
       const int K = 6;
       make_ids(T, K, false, L);
       auto idl = [&](int i) { return wids + (size_t)(i % L) * T * K; };
-      const float g_w = time_graph([&](int i) { wide(T, K, i % L, idl(i), wo); }, 40);
+      const float g_w32 = time_graph([&](int i) { wide(T, K, i % L, idl(i), wo, 32); }, 40);
+      const float g_w64 = time_graph([&](int i) { wide(T, K, i % L, idl(i), wo, 64); }, 40);
       const float g_k = time_graph([&](int i) { skinny(T, K, i % L, idl(i), wo); }, 40);
       const float g_s = T <= 64 ? time_graph([&](int i) { stream2(T, K, i % L, idl(i), wo); }, 40) : 0.f;
       const float f_w = flushed([&](int r) { wide(T, K, r % L, idl(r), wo); });
       const float f_k = flushed([&](int r) { skinny(T, K, r % L, idl(r), wo); });
       const float f_s = T <= 64 ? flushed([&](int r) { stream2(T, K, r % L, idl(r), wo); }) : 0.f;
-      printf("T=%3d K=%d  graph40: wide %.1f skinny %.1f stream %.1f | flushed: wide %.1f skinny %.1f stream %.1f\n", T, K, g_w, g_k, g_s, f_w, f_k, f_s);
+      printf("T=%3d K=%d  graph40: wide32 %.1f wide64 %.1f skinny %.1f stream %.1f | flushed: wide (%d pairs) %.1f skinny %.1f stream %.1f\n",
+             T, K, g_w32, g_w64, g_k, g_s, wide_pairs(T * K, E), f_w, f_k, f_s);
       if (T == 64 || T == 256) {  // per-CTA trace of one wide call after a flush, us from a stamp before it
         unsigned long long* stamps; CK(cudaMalloc(&stamps, 16));
         CK(cudaMemsetAsync(tr, 0, 8 * 1024 * 8, st));

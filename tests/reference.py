@@ -31,8 +31,21 @@ def scores(logits: torch.Tensor, scoring: str, correction_bias: torch.Tensor | N
         p = torch.sigmoid(x)
         c = p + correction_bias if correction_bias is not None else p
         return p, c
-    p = torch.softmax(x, dim=-1)
+    p = _softmax(x)
     return p, p
+
+
+def _softmax(x: torch.Tensor) -> torch.Tensor:
+    """fp32 softmax over the last dim whose denominator does not depend on the order of the
+    experts (docs/OPS.md step 1): each exp(x - max), in [0, 1], cut at 2^-20 and 2^-40 and the
+    pieces summed exactly, then rounded once to fp32. The exps are taken in float64 and rounded,
+    so that equal inputs give equal exps wherever they sit in the tensor."""
+    e = torch.exp((x - x.max(dim=-1, keepdim=True).values).double()).float()
+    scaled = e * 2.0**20
+    hi = torch.trunc(scaled)
+    lo = torch.trunc((scaled - hi) * 2.0**20)
+    total = (hi.double().sum(dim=-1, keepdim=True) * 2.0**-20 + lo.double().sum(dim=-1, keepdim=True) * 2.0**-40)
+    return e / total.float()
 
 
 def eligible_mask(c: torch.Tensor, scoring: str, n_group: int, topk_group: int) -> torch.Tensor:

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <numeric>
 #include <vector>
 
@@ -40,11 +41,20 @@ void score_row(const float* logits, int64_t E, Scoring scoring, const float* bia
   }
   float mx = logits[0];
   for (int64_t e = 1; e < E; ++e) mx = std::max(mx, logits[e]);
-  float sum = 0.0f;
+  // The denominator does not depend on the order of the experts (docs/OPS.md): every exp, in
+  // [0, 1], is cut into its first 20 and next 20 bits after the point and the pieces are summed
+  // as integers, as the CUDA kernels do (csrc/cuda/routing.cuh). A row and any permutation of it
+  // get the same probabilities, so equal scores across tokens stay equal (an fp32 running sum
+  // made such ties depend on the order, and a vectorised softmax on the machine).
+  uint64_t hi = 0, lo = 0;
   for (int64_t e = 0; e < E; ++e) {
     p[e] = std::exp(logits[e] - mx);
-    sum += p[e];
+    const float x = p[e] * 1048576.0f;  // 2^20: exact
+    const float h = std::trunc(x);
+    hi += static_cast<uint64_t>(h);
+    lo += static_cast<uint64_t>((x - h) * 1048576.0f);  // exact fraction, truncated at 2^-40
   }
+  const float sum = static_cast<float>(static_cast<double>(hi) * 0x1p-20 + static_cast<double>(lo) * 0x1p-40);
   for (int64_t e = 0; e < E; ++e) {
     p[e] /= sum;
     c[e] = p[e];

@@ -427,9 +427,31 @@ void run_prefill(const at::Tensor& x, const at::Tensor& gate_up, const at::Tenso
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-bool wide_fits(int64_t H, int64_t I, const DeviceInfo& d) {
+bool wide_fits(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const DeviceInfo& d) {
   return d.major >= 9 && I % kWideGateUpBoxRows == 0 && H % kWideRows == 0 && H <= INT_MAX / 2 &&
-         wide_fit_stages(d.smem_optin) >= kWideMinStages;
+         wide_fit_stages(d.smem_optin, wide_pairs(T * K, E)) >= kWideMinStages;
+}
+
+template <typename Elem, int kPairs>
+void launch_wide(const PrefillParams& p, const CUtensorMap& gate_up_map, const CUtensorMap& down_map,
+                 const DeviceInfo& d, cudaStream_t stream) {
+  const int stages = wide_fit_stages(d.smem_optin, kPairs), smem = wide_smem_bytes(stages, kPairs);
+  static bool gate_up_done[64] = {}, down_done[64] = {};
+  set_smem_limit(reinterpret_cast<const void*>(&wide_kernel<Elem, true, kPairs>), smem, gate_up_done);
+  set_smem_limit(reinterpret_cast<const void*>(&wide_kernel<Elem, false, kPairs>), smem, down_done);
+  // All four are programmatic dependent launches (captured into CUDA graphs as such): each may
+  // become resident while the grid before it drains, and waits for it before reading its output.
+  cudaLaunchAttribute pdl{};
+  pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  pdl.val.programmaticStreamSerializationAllowed = 1;
+  const cudaLaunchConfig_t align{dim3(1), dim3(kAlignThreads), 3 * p.E * sizeof(int), stream, &pdl, 1};
+  const cudaLaunchConfig_t phase{dim3(d.sms), dim3(kStreamThreads), static_cast<size_t>(smem), stream, &pdl, 1};
+  const cudaLaunchConfig_t combine{dim3(p.T), dim3(256), 0, stream, &pdl, 1};
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&align, prefill_align_kernel, p, kPairs));
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&phase, wide_kernel<Elem, true, kPairs>, p, gate_up_map, stages));
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&phase, wide_kernel<Elem, false, kPairs>, p, down_map, stages));
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&combine, combine_slots_kernel<Elem>,
+                                    CombineParams{p.y, p.ids, p.out, p.T, p.K, p.E, p.H}));
 }
 
 // Returns false, having launched nothing, when the driver cannot encode the weights' tensor maps.
@@ -441,27 +463,13 @@ bool run_wide(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& 
   if (!cuda::encode_weight_map(&gate_up_map, gate_up.data_ptr(), E, 2 * I, H, kWideK, kWideGateUpBoxRows) ||
       !cuda::encode_weight_map(&down_map, down.data_ptr(), E, H, I, kWideK, kWideDownBoxRows))
     return false;
+  const int pairs = wide_pairs((int64_t)T * K, E);
   at::Tensor scratch;
   const PrefillParams p =
-      aligned_params(x, gate_up, down, weights, ids, out, prefill_max_tiles((int64_t)T * K, E, kWidePairs), scratch);
+      aligned_params(x, gate_up, down, weights, ids, out, prefill_max_tiles((int64_t)T * K, E, pairs), scratch);
   const DeviceInfo& d = cuda::device_info(x.get_device());
-  const int stages = wide_fit_stages(d.smem_optin), smem = wide_smem_bytes(stages);
-  static bool gate_up_done[64] = {}, down_done[64] = {};
-  set_smem_limit(reinterpret_cast<const void*>(&wide_kernel<Elem, true>), smem, gate_up_done);
-  set_smem_limit(reinterpret_cast<const void*>(&wide_kernel<Elem, false>), smem, down_done);
-  // All four are programmatic dependent launches (captured into CUDA graphs as such): each may
-  // become resident while the grid before it drains, and waits for it before reading its output.
-  cudaLaunchAttribute pdl{};
-  pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  pdl.val.programmaticStreamSerializationAllowed = 1;
-  const cudaLaunchConfig_t align{dim3(1), dim3(kAlignThreads), 3 * E * sizeof(int), stream, &pdl, 1};
-  const cudaLaunchConfig_t phase{dim3(d.sms), dim3(kStreamThreads), static_cast<size_t>(smem), stream, &pdl, 1};
-  const cudaLaunchConfig_t combine{dim3(T), dim3(256), 0, stream, &pdl, 1};
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&align, prefill_align_kernel, p, static_cast<int>(kWidePairs)));
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&phase, wide_kernel<Elem, true>, p, gate_up_map, stages));
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&phase, wide_kernel<Elem, false>, p, down_map, stages));
-  C10_CUDA_CHECK(
-      cudaLaunchKernelEx(&combine, combine_slots_kernel<Elem>, CombineParams{p.y, p.ids, p.out, T, K, E, H}));
+  if (pairs == 32) launch_wide<Elem, 32>(p, gate_up_map, down_map, d, stream);
+  else launch_wide<Elem, 64>(p, gate_up_map, down_map, d, stream);
   return true;
 }
 
@@ -550,7 +558,7 @@ at::Tensor experts_cuda(const at::Tensor& hidden, const at::Tensor& gate_up, con
     const bool stream_ok = stream_fits(T, K, E, H, gate_up.size(1) / 2, dev);
     if (forced == Path::kStream) path = stream_ok ? Path::kStream : decode_fits ? Path::kDecode : Path::kPrefill;
     else if (forced == Path::kWide)
-      path = wide_fits(H, gate_up.size(1) / 2, dev) ? Path::kWide : skinny_fits ? Path::kSkinny : Path::kPrefill;
+      path = wide_fits(T, K, E, H, gate_up.size(1) / 2, dev) ? Path::kWide : skinny_fits ? Path::kSkinny : Path::kPrefill;
     else if (forced == Path::kDecode) path = decode_fits ? Path::kDecode : Path::kPrefill;
     else if (forced == Path::kSkinny) path = skinny_fits ? Path::kSkinny : Path::kPrefill;
     else if (forced == Path::kPrefill) path = Path::kPrefill;

@@ -10,7 +10,7 @@
 // weights travel through the copy engine into a ring of shared-memory stages, as on the stream
 // path (experts_stream.cuh), while the consumer warps multiply: warp specialisation.
 //
-// Launches: the prefill path's align kernel (tiles of up to kWidePairs (token, expert) pairs of
+// Launches: the prefill path's align kernel (tiles of up to kPairs (token, expert) pairs of
 // one expert, rows of act in sorted order), then gate_up and down as two persistent programmatic
 // dependent launches of one CTA per SM, then combine_slots_kernel.
 // Why tensor maps: a plain bulk copy (cp.async.bulk, as the stream path uses) costs the SM's copy
@@ -23,7 +23,7 @@
 // gate and up interleaved per warp (warp w: gate rows 8w..8w+7, then the up rows of the same
 // intermediates), so one m16 tile holds a row's gate and up value in the same thread; down rows
 // are 128 output rows. A stage holds kWideK of k for the item's 128 weight rows (weight producer
-// warp, one bulk copy per row) and for its tile's token rows (operand producer warp: x rows for
+// warp, tensor-map boxes) and for its tile's token rows (operand warp, cp.async: x rows for
 // gate_up, act rows for down), so each B row piece serves 128 weight rows. Each consumer warp
 // owns one m16 row tile and every k of the stage: no cross-warp reduction; the epilogue writes
 // act (SiLU(gate)*up, rounded to the dtype) or y[slot] (times the routing weight, fp32).
@@ -41,23 +41,27 @@ constexpr int kWideRows = 128;                // weight rows per item: 8 consume
 constexpr int kWideK = 128;                   // k per stage: a 256-byte tensor-map box row
 constexpr int kWideAPitch = kWideK * 2;       // weight rows as the box lands (dense)
 constexpr int kWideBPitch = kWideK * 2 + 64;  // 80 words = 16 mod 32: token rows g, g+1 on disjoint bank halves
-constexpr int kWidePairs = 32;                // token rows per tile: 4 n8 tiles
-constexpr int kWideNTiles = kWidePairs / 8;
 constexpr int kWideABytes = kWideRows * kWideAPitch;
-constexpr int kWideStageBytes = kWideABytes + kWidePairs * kWideBPitch;
 constexpr int kWideMaxStages = 8;
 constexpr int kWideMinStages = 3;
 constexpr int kWideRingAt = 256;  // after the mbarriers, 128-byte aligned at run time (tensor copies need it)
 static_assert(2 * kWideMaxStages * 8 <= 128, "mbarriers before the ring");
-static_assert(kWideStageBytes % 128 == 0, "every stage 128-byte aligned");
+static_assert(kWideABytes % 128 == 0 && (32 * kWideBPitch) % 128 == 0, "every stage 128-byte aligned");
 static_assert(kWideRows == kStreamConsumerWarps * 16, "one m16 row tile per consumer warp");
 // Box rows of the tensor maps: gate_up comes as a box of 64 gate rows and one of the matching 64
 // up rows, down as one box of 128 output rows.
 constexpr int kWideGateUpBoxRows = kWideRows / 2, kWideDownBoxRows = kWideRows;
 
-__host__ __device__ constexpr int wide_smem_bytes(int stages) { return kWideRingAt + stages * kWideStageBytes; }
-inline int wide_fit_stages(int smem_optin) {
-  const int n = (smem_optin - kWideRingAt) / kWideStageBytes;
+// Token rows per tile (kPairs): 32 while an expert rarely gets more (T*K <= 16 E, on average at
+// most 16 pairs per expert), else 64, so that an expert's weights are streamed once per tile as
+// seldom as possible; 64-pair stages are deeper in shared memory, so the ring is shallower.
+__host__ __device__ constexpr int wide_pairs(int64_t TK, int64_t E) { return TK <= 16 * E ? 32 : 64; }
+__host__ __device__ constexpr int wide_stage_bytes(int pairs) { return kWideABytes + pairs * kWideBPitch; }
+__host__ __device__ constexpr int wide_smem_bytes(int stages, int pairs) {
+  return kWideRingAt + stages * wide_stage_bytes(pairs);
+}
+inline int wide_fit_stages(int smem_optin, int pairs) {
+  const int n = (smem_optin - kWideRingAt) / wide_stage_bytes(pairs);
   return n < kWideMaxStages ? n : kWideMaxStages;
 }
 
@@ -80,10 +84,10 @@ __device__ __forceinline__ void cp_async_arrive_noinc(uint32_t bar) {
 #endif
 }
 
-// One phase (kGateUp: x -> act; else act -> y). wmap: the phase's weights as a tensor map
-// (gate_up [E, 2I, H] with boxes of 128 k x 64 rows, down [E, H, I] with boxes of 128 k x 128
-// rows); stages: the ring depth the launch sized.
-template <typename T, bool kGateUp>
+// One phase (kGateUp: x -> act; else act -> y) on tiles of up to kPairs token rows. wmap: the
+// phase's weights as a tensor map (gate_up [E, 2I, H] with boxes of 128 k x 64 rows, down
+// [E, H, I] with boxes of 128 k x 128 rows); stages: the ring depth the launch sized.
+template <typename T, bool kGateUp, int kPairs>
 __global__ void __launch_bounds__(kStreamThreads, 1) wide_kernel(PrefillParams p, const __grid_constant__ CUtensorMap wmap,
                                                                   int stages) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -108,6 +112,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1) wide_kernel(PrefillParams p
   const int n_items = *p.num_tiles * blocks;
   STREAM_TRACE(kGateUp ? 1 : 5);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  constexpr int kStageBytes = wide_stage_bytes(kPairs), kNTiles = kPairs / 8;
   RingPos pos;
   if (warp == kStreamWeightWarp) {
     if (lane != 0) return;
@@ -115,7 +120,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1) wide_kernel(PrefillParams p
     for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
       const int tile = item / blocks, rb = item % blocks, e = p.tile_expert[tile];
       for (int k0 = 0; k0 < kdim; k0 += kWideK) {
-        const uint32_t bar = full0 + 8 * pos.stage, st = ring + pos.stage * kWideStageBytes;
+        const uint32_t bar = full0 + 8 * pos.stage, st = ring + pos.stage * kStageBytes;
         mbar_wait(empty0 + 8 * pos.stage, pos.phase ^ 1u);
         mbar_arrive_expect_tx(bar, kWideABytes);  // whole boxes land (zeros past k = kdim)
         if (kGateUp) {
@@ -133,18 +138,25 @@ __global__ void __launch_bounds__(kStreamThreads, 1) wide_kernel(PrefillParams p
     const T* act = static_cast<const T*>(p.act);
     for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
       const int tile = item / blocks, e = p.tile_expert[tile], r0 = p.tile_row[tile];
-      const int npass = min(kWidePairs, p.expert_offset[e + 1] - r0);
-      // Lane l copies token row l of the tile (zeros past npass).
-      const T* src = x;
-      if (lane < npass) src = kGateUp ? x + (size_t)(p.sorted_slot[r0 + lane] / p.K) * p.H : act + (size_t)(r0 + lane) * p.I;
+      const int npass = min(kPairs, p.expert_offset[e + 1] - r0);
+      // Lane l copies token rows l, l + 32, ... of the tile (zeros past npass).
+      const T* src[kPairs / 32];
+#pragma unroll
+      for (int j = 0; j < kPairs / 32; ++j) {
+        const int r = lane + 32 * j;
+        src[j] = r >= npass ? x : kGateUp ? x + (size_t)(p.sorted_slot[r0 + r] / p.K) * p.H : act + (size_t)(r0 + r) * p.I;
+      }
       for (int k0 = 0; k0 < kdim; k0 += kWideK) {
         mbar_wait(empty0 + 8 * pos.stage, pos.phase ^ 1u);
-        unsigned char* dst = ring_ptr + pos.stage * kWideStageBytes + kWideABytes + lane * kWideBPitch;
+        unsigned char* dst = ring_ptr + pos.stage * kStageBytes + kWideABytes + lane * kWideBPitch;
 #pragma unroll
-        for (int v = 0; v < kWideK / 8; ++v) {
-          const int k = k0 + 8 * v;
-          cp_async16(dst + 16 * v, src + (k < kdim ? k : 0), lane < npass && k < kdim ? 16 : 0);
-        }
+        for (int j = 0; j < kPairs / 32; ++j)
+#pragma unroll
+          for (int v = 0; v < kWideK / 8; ++v) {
+            const int k = k0 + 8 * v;
+            cp_async16(dst + 32 * j * kWideBPitch + 16 * v, src[j] + (k < kdim ? k : 0),
+                       lane + 32 * j < npass && k < kdim ? 16 : 0);
+          }
         cp_async_arrive_noinc(full0 + 8 * pos.stage);
         pos.next(stages);
       }
@@ -157,17 +169,17 @@ __global__ void __launch_bounds__(kStreamThreads, 1) wide_kernel(PrefillParams p
     const int arow8 = (kGateUp ? kWideGateUpBoxRows + 8 * warp + g : 16 * warp + g + 8) * kWideAPitch;
     for (int item = blockIdx.x; item < n_items; item += gridDim.x) {
       const int tile = item / blocks, rb = item % blocks, e = p.tile_expert[tile], r0 = p.tile_row[tile];
-      const int npass = min(kWidePairs, p.expert_offset[e + 1] - r0), ntiles = (npass + 7) / 8;
-      float acc[kWideNTiles][4];
+      const int npass = min(kPairs, p.expert_offset[e + 1] - r0), ntiles = (npass + 7) / 8;
+      float acc[kNTiles][4];
 #pragma unroll
-      for (int nt = 0; nt < kWideNTiles; ++nt)
+      for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[nt][i] = 0.f;
       for (int k0 = 0; k0 < kdim; k0 += kWideK) {
         const int nch = min(kWideK, kdim - k0) / 32;
         mbar_wait(full0 + 8 * pos.stage, pos.phase);
         if (item == static_cast<int>(blockIdx.x) && k0 == 0) STREAM_TRACE(kGateUp ? 2 : 6);  // the first stage landed
-        const unsigned char* st = ring_ptr + pos.stage * kWideStageBytes;
+        const unsigned char* st = ring_ptr + pos.stage * kStageBytes;
         const unsigned char* bt = st + kWideABytes + g * kWideBPitch;
 #pragma unroll
         for (int kc = 0; kc < kWideK / 32; ++kc) {
@@ -176,7 +188,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1) wide_kernel(PrefillParams p
             const uint4 a0 = load_shared16(st + arow0 + col);
             const uint4 a8 = load_shared16(st + arow8 + col);
 #pragma unroll
-            for (int nt = 0; nt < kWideNTiles; ++nt)
+            for (int nt = 0; nt < kNTiles; ++nt)
               if (nt < ntiles) mma_k32<T>(acc[nt], a0, a8, load_shared16(bt + nt * 8 * kWideBPitch + col));
           }
         }
@@ -185,7 +197,7 @@ __global__ void __launch_bounds__(kStreamThreads, 1) wide_kernel(PrefillParams p
       }
       // acc[nt][i]: row g (i < 2) or g + 8, pair nt*8 + 2c + (i & 1).
 #pragma unroll
-      for (int nt = 0; nt < kWideNTiles; ++nt)
+      for (int nt = 0; nt < kNTiles; ++nt)
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           const int pr = nt * 8 + 2 * c + i;
