@@ -196,3 +196,19 @@ def test_route_opcheck():
     torch.library.opcheck(torch.ops.allocmoe.route.default, (x, 6, 3.5, 1, "softmax", None, 1, 1, True, 1.0))
     big = torch.randn(300, 64, device="cuda")
     torch.library.opcheck(torch.ops.allocmoe.route.default, (big, 6, 3.5))
+
+
+@pytest.mark.parametrize("path", ["auto", "warp", "block", "multi"])
+def test_permuted_rows_are_ties(path, monkeypatch):
+    """Rows that permute the same logits get the same probabilities on every path (the softmax
+    denominator is summed exactly, docs/OPS.md step 1), so Alloc-T's extra slots go to the lower
+    tokens first, as on the CPU."""
+    monkeypatch.setenv("ALLOCMOE_ROUTE_PATH", path)
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(64, generator=gen) * 3
+    logits = torch.stack([base] + [base[torch.randperm(64, generator=gen)] for _ in range(7)])
+    w, ids = ops.route(logits.cuda(), top_k=6, budget=1.5, k_base=1)
+    assert (ids >= 0).sum(dim=1).tolist() == [2, 2, 2, 2, 1, 1, 1, 1]
+    w_cpu, ids_cpu = ops.route(logits, top_k=6, budget=1.5, k_base=1)
+    assert torch.equal(ids.cpu(), ids_cpu)
+    torch.testing.assert_close(w.cpu(), w_cpu, rtol=2e-5, atol=1e-6)

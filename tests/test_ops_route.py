@@ -302,3 +302,19 @@ def test_compile_fullgraph_route_and_experts():
         hidden = torch.randn(T, 32, generator=gen)
         logits = torch.randn(T, 16, generator=gen)
         torch.testing.assert_close(compiled(hidden, logits), moe(hidden, logits))
+
+
+def test_probabilities_do_not_depend_on_expert_order():
+    """A row and permutations of it get the same probabilities (docs/OPS.md step 1: the softmax
+    denominator is summed exactly), so their equal scores are ties across tokens, and Alloc-T's
+    extra slots go to the lower tokens first. An fp32 running sum gives these eight rows three
+    different denominators."""
+    gen = torch.Generator().manual_seed(0)
+    base = torch.randn(64, generator=gen) * 3
+    logits = torch.stack([base] + [base[torch.randperm(64, generator=gen)] for _ in range(7)])
+    w, _ = ops.route(logits, top_k=6, budget=6, k_base=0)
+    assert all(torch.equal(w[t], w[0]) for t in range(8))
+    w, ids = ops.route(logits, top_k=6, budget=1.5, k_base=1)  # 12 slots: 8 at k_base, 4 extra
+    assert (ids >= 0).sum(dim=1).tolist() == [2, 2, 2, 2, 1, 1, 1, 1]
+    rw, rids = ref.route(logits, top_k=6, budget=1.5, k_base=1)
+    assert torch.equal(ids, rids)
