@@ -10,7 +10,8 @@
 // With the argument "mid" it runs only the mid-T part instead: the stream kernels at T = 17..64
 // (x staged per expert) checked and timed against the skinny kernels, and a trace at T=64;
 // "mid flushed": bench-like single calls after an L2 flush (events + %globaltimer stamps + trace).
-// With "wide": the bulk-copy granularity probe (rows x bytes per copy, no compute), then the wide
+// With "wide": the bulk-copy granularity probe (rows x bytes per copy, no compute; the stream
+// path's 16 x 1 KB stages as 16 bulk copies against 2 tensor-map boxes), then the wide
 // path (experts_wide.cuh) checked against skinny at T = 17..512 (rel diff, NaN, run to run) and
 // timed against skinny and the stream path (CUDA graph of 40 calls; single calls after an L2 flush).
 // Build on a machine with nvcc (no GPU needed) from the repository root, then run the binary on
@@ -155,6 +156,44 @@ __global__ void __launch_bounds__(kStreamThreads, 1) copy_probe_kernel(const cha
     for (int k0 = 0; k0 < row_bytes; k0 += C) {
       mbar_wait(full0 + 8 * pos.stage, pos.phase);
       acc += ring_ptr[pos.stage * stage_bytes + threadIdx.x];
+      mbar_arrive(empty0 + 8 * pos.stage);
+      pos.next(stages);
+    }
+  if (acc == 123456) sink[0] = acc;
+}
+
+// The same walk with tensor-map boxes: a stage is 16 rows x 512 elements (1 KB of each row) as
+// two boxes of 256 elements x 16 rows (map: encode_weight_map with E = 1), so 2 copies per stage
+// instead of 16. The stream path's stages with either kind of copy, no compute.
+__global__ void __launch_bounds__(kStreamThreads, 1) tma_probe_kernel(const __grid_constant__ CUtensorMap map, int rows, int row_elems, int stages, int* sink) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const uint32_t full0 = smem_addr(smem), empty0 = full0 + 8 * kStreamMaxStages;
+  const uint32_t ring = (smem_addr(smem) + 128 + 127) / 128 * 128;
+  unsigned char* ring_ptr = smem + (ring - smem_addr(smem));
+  constexpr int kStage = 16 * 1024;
+  if (threadIdx.x == 0) { for (int i = 0; i < stages; ++i) { mbar_init(full0 + 8 * i, 1); mbar_init(empty0 + 8 * i, kStreamConsumers); } mbar_init_fence(); }
+  __syncthreads();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, blocks = rows / 16;
+  RingPos pos;
+  if (warp > kStreamConsumerWarps) return;
+  if (warp == kStreamConsumerWarps) {
+    if (lane != 0) return;
+    const uint64_t pol = evict_first_policy();
+    for (int b = blockIdx.x; b < blocks; b += gridDim.x)
+      for (int k0 = 0; k0 < row_elems; k0 += 512) {
+        mbar_wait(empty0 + 8 * pos.stage, pos.phase ^ 1u);
+        mbar_arrive_expect_tx(full0 + 8 * pos.stage, kStage);
+        tma_load_3d(ring + pos.stage * kStage, &map, k0, b * 16, 0, full0 + 8 * pos.stage, pol);
+        tma_load_3d(ring + pos.stage * kStage + kStage / 2, &map, k0 + 256, b * 16, 0, full0 + 8 * pos.stage, pol);
+        pos.next(stages);
+      }
+    return;
+  }
+  int acc = 0;
+  for (int b = blockIdx.x; b < blocks; b += gridDim.x)
+    for (int k0 = 0; k0 < row_elems; k0 += 512) {
+      mbar_wait(full0 + 8 * pos.stage, pos.phase);
+      acc += ring_ptr[pos.stage * kStage + threadIdx.x];
       mbar_arrive(empty0 + 8 * pos.stage);
       pos.next(stages);
     }
@@ -343,6 +382,19 @@ int main(int argc, char** argv) {
         if (stg < 2) continue;
         float us = time_graph([&](int i) { copy_probe_kernel<<<sms, kStreamThreads, 256 + stg * stage, st>>>(a + (i % 2) * nb, 48, 2048, 5632, R, C, stg, sink); }, 6);
         printf("copy probe R=%3d C=%4d stages=%2d (%3d KB in flight): %.1f us = %.0f GB/s\n", R, C, stg, stg * R * C / 1024, us, nb / us / 1e3);
+      }
+      // stages of 16 rows x 1 KB (the stream path's), 12 stages: 16 bulk copies vs 2 tensor-map boxes,
+      // rows contiguous (1 KB rows) and 4 KB apart (gate_up rows at H = 2048)
+      CK(cudaFuncSetAttribute(tma_probe_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+      for (int row_bytes : {1024, 4096}) {
+        const int rows = (int)(nb / row_bytes), stg = 12;
+        CUtensorMap map[2];
+        for (int h = 0; h < 2; ++h)
+          if (!allocmoe::cuda::encode_weight_map(&map[h], a + h * nb, 1, rows, row_bytes / 2, 256, 16)) { printf("tensor map encode failed\n"); return 1; }
+        const float us_b = time_graph([&](int i) { copy_probe_kernel<<<sms, kStreamThreads, 256 + stg * 16 * (1024 + 64), st>>>(a + (i % 2) * nb, 1, rows, row_bytes, 16, 1024, stg, sink); }, 6);
+        const float us_t = time_graph([&](int i) { tma_probe_kernel<<<sms, kStreamThreads, 256 + stg * 16 * 1024, st>>>(map[i % 2], rows, row_bytes / 2, stg, sink); }, 6);
+        printf("16 rows x 1 KB stages, rows of %d B: 16 bulk copies %.1f us = %.0f GB/s, 2 tensor boxes %.1f us = %.0f GB/s\n",
+               row_bytes, us_b, nb / us_b / 1e3, us_t, nb / us_t / 1e3);
       }
       CK(cudaFree(a));
     }
