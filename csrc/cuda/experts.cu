@@ -204,6 +204,17 @@ struct Scratch {
 
 using cuda::set_smem_limit;
 
+// The slot combine (out[t] = sum of y over t's slots) as a programmatic dependent launch after
+// the grid that wrote y: it may become resident while that grid drains and waits for it.
+template <typename Elem>
+void launch_combine(const CombineParams& c, cudaStream_t stream) {
+  cudaLaunchAttribute pdl{};
+  pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  pdl.val.programmaticStreamSerializationAllowed = 1;
+  const cudaLaunchConfig_t cfg{dim3(c.T), dim3(256), 0, stream, &pdl, 1};
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, combine_slots_kernel<Elem>, c));
+}
+
 template <typename T, int NT>
 void launch_decode(const DecodeParams& p, cudaStream_t stream) {
   const int TK = p.T * p.K, used_max = std::min(p.E, TK);
@@ -322,13 +333,8 @@ void launch_stream(StreamParams p, const DeviceInfo& d, cudaStream_t stream) {
     cfg.dynamicSmemBytes = down_smem.total(p.stages);
     C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, stream_down_kernel<Elem, NT>, p));
   }
-  if (p.y != nullptr) {  // the expert-major down phase wrote y: sum each token's slots
-    cfg.gridDim = dim3(p.T);
-    cfg.blockDim = dim3(256);
-    cfg.dynamicSmemBytes = 0;
-    C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, combine_slots_kernel<Elem>,
-                                      CombineParams{p.y, p.ids, p.out, p.T, p.K, p.E, p.H}));
-  }
+  if (p.y != nullptr)  // the expert-major down phase wrote y: sum each token's slots
+    launch_combine<Elem>(CombineParams{p.y, p.ids, p.out, p.T, p.K, p.E, p.H}, stream);
 }
 
 template <typename Elem>
@@ -381,11 +387,7 @@ void run_skinny(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor
   cfg.attrs = attr;
   cfg.numAttrs = 1;
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, skinny_down_kernel<Elem>, p));
-  cfg.gridDim = dim3(T);
-  cfg.blockDim = dim3(256);
-  cfg.dynamicSmemBytes = 0;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, combine_slots_kernel<Elem>,
-                                    CombineParams{p.y, p.ids, out.data_ptr(), T, K, E, H}));
+  launch_combine<Elem>(CombineParams{p.y, p.ids, out.data_ptr(), T, K, E, H}, stream);
 }
 
 // The align kernel's lists and tile table, act (rows in sorted order) and y, carved out of one
@@ -440,18 +442,17 @@ void launch_wide(const PrefillParams& p, const CUtensorMap& gate_up_map, const C
   set_smem_limit(reinterpret_cast<const void*>(&wide_kernel<Elem, true, kPairs>), smem, gate_up_done);
   set_smem_limit(reinterpret_cast<const void*>(&wide_kernel<Elem, false, kPairs>), smem, down_done);
   // All four are programmatic dependent launches (captured into CUDA graphs as such): each may
-  // become resident while the grid before it drains, and waits for it before reading its output.
+  // become resident while the grid before it drains, and waits for it before reading its output
+  // (the combine through launch_combine).
   cudaLaunchAttribute pdl{};
   pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
   pdl.val.programmaticStreamSerializationAllowed = 1;
   const cudaLaunchConfig_t align{dim3(1), dim3(kAlignThreads), 3 * p.E * sizeof(int), stream, &pdl, 1};
   const cudaLaunchConfig_t phase{dim3(d.sms), dim3(kStreamThreads), static_cast<size_t>(smem), stream, &pdl, 1};
-  const cudaLaunchConfig_t combine{dim3(p.T), dim3(256), 0, stream, &pdl, 1};
   C10_CUDA_CHECK(cudaLaunchKernelEx(&align, prefill_align_kernel, p, kPairs));
   C10_CUDA_CHECK(cudaLaunchKernelEx(&phase, wide_kernel<Elem, true, kPairs>, p, gate_up_map, stages));
   C10_CUDA_CHECK(cudaLaunchKernelEx(&phase, wide_kernel<Elem, false, kPairs>, p, down_map, stages));
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&combine, combine_slots_kernel<Elem>,
-                                    CombineParams{p.y, p.ids, p.out, p.T, p.K, p.E, p.H}));
+  launch_combine<Elem>(CombineParams{p.y, p.ids, p.out, p.T, p.K, p.E, p.H}, stream);
 }
 
 // Returns false, having launched nothing, when the driver cannot encode the weights' tensor maps.
