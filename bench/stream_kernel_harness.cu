@@ -200,6 +200,44 @@ __global__ void __launch_bounds__(kStreamThreads, 1) tma_probe_kernel(const __gr
   if (acc == 123456) sink[0] = acc;
 }
 
+// The wide path's weight walk alone: items of box_rows rows dealt round robin, each streamed over
+// all of k in stages of one box of box_k x box_rows elements; no compute. How DRAM reads depend on
+// the box's shape and on the bytes in flight (the ring depth).
+__global__ void __launch_bounds__(kStreamThreads, 1) box_probe_kernel(const __grid_constant__ CUtensorMap map, int rows, int row_elems,
+                                                                      int box_rows, int box_k, int stages, int* sink) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const uint32_t full0 = smem_addr(smem), empty0 = full0 + 8 * kStreamMaxStages;
+  const uint32_t ring = (smem_addr(smem) + 16 * kStreamMaxStages + 127) / 128 * 128;
+  unsigned char* ring_ptr = smem + (ring - smem_addr(smem));
+  const int stage = box_rows * box_k * 2, blocks = rows / box_rows;
+  if (threadIdx.x == 0) { for (int i = 0; i < stages; ++i) { mbar_init(full0 + 8 * i, 1); mbar_init(empty0 + 8 * i, kStreamConsumers); } mbar_init_fence(); }
+  __syncthreads();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  RingPos pos;
+  if (warp > kStreamConsumerWarps) return;
+  if (warp == kStreamConsumerWarps) {
+    if (lane != 0) return;
+    const uint64_t pol = evict_first_policy();
+    for (int b = blockIdx.x; b < blocks; b += gridDim.x)
+      for (int k0 = 0; k0 < row_elems; k0 += box_k) {
+        mbar_wait(empty0 + 8 * pos.stage, pos.phase ^ 1u);
+        mbar_arrive_expect_tx(full0 + 8 * pos.stage, stage);
+        tma_load_3d(ring + pos.stage * stage, &map, k0, b * box_rows, 0, full0 + 8 * pos.stage, pol);
+        pos.next(stages);
+      }
+    return;
+  }
+  int acc = 0;
+  for (int b = blockIdx.x; b < blocks; b += gridDim.x)
+    for (int k0 = 0; k0 < row_elems; k0 += box_k) {
+      mbar_wait(full0 + 8 * pos.stage, pos.phase);
+      acc += ring_ptr[pos.stage * stage + threadIdx.x];
+      mbar_arrive(empty0 + 8 * pos.stage);
+      pos.next(stages);
+    }
+  if (acc == 123456) sink[0] = acc;
+}
+
 // The route op's block routine alone (one CTA), for the unfused reference: route -> gate_up -> down.
 __global__ void __launch_bounds__(kStreamThreads) route_only_kernel(const float* logits, allocmoe::cuda::RouteArgs a, int* ids, float* w) {
   extern __shared__ __align__(16) uint32_t scratch[];
@@ -369,8 +407,7 @@ int main(int argc, char** argv) {
   };
   // ---- "wide": the wide path (experts_wide.cuh) against skinny (and stream where it runs), T = 17..512 ----
   if (argc > 1 && strcmp(argv[1], "wide") == 0) {
-    for (auto* f : {(const void*)skinny_gate_up_kernel<bf>, (const void*)skinny_down_kernel<bf>, (const void*)wide_kernel<bf, true, 32>,
-                    (const void*)wide_kernel<bf, false, 32>, (const void*)wide_kernel<bf, true, 64>, (const void*)wide_kernel<bf, false, 64>,
+    for (auto* f : {(const void*)skinny_gate_up_kernel<bf>, (const void*)skinny_down_kernel<bf>, (const void*)wide_kernel<bf, 32>, (const void*)wide_kernel<bf, 64>,
                     (const void*)stream_gate_up_kernel<bf, 2>, (const void*)stream_down_kernel<bf, 2>})
       CK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
     const int WT = 512, WK = 8;
@@ -396,44 +433,54 @@ int main(int argc, char** argv) {
         printf("16 rows x 1 KB stages, rows of %d B: 16 bulk copies %.1f us = %.0f GB/s, 2 tensor boxes %.1f us = %.0f GB/s\n",
                row_bytes, us_b, nb / us_b / 1e3, us_t, nb / us_t / 1e3);
       }
+      // the wide path's walk: rows of 4 KB (gate_up at H = 2048), box shapes x ring depths
+      CK(cudaFuncSetAttribute(box_probe_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+      const int shapes[][2] = {{128, 128}, {64, 256}, {128, 64}, {32, 256}, {256, 64}};
+      for (auto& sh : shapes) {
+        const int br = sh[0], bk = sh[1], rows = (int)(nb / 4096), stage = br * bk * 2;
+        CUtensorMap map[2];
+        for (int h = 0; h < 2; ++h)
+          if (!allocmoe::cuda::encode_weight_map(&map[h], a + h * nb, 1, rows, 2048, bk, br)) { printf("tensor map encode failed\n"); return 1; }
+        printf("boxes of %3d rows x %3d k (%2d KB), GB/s by stages:", br, bk, stage / 1024);
+        for (int stg = 3; stg <= std::min(kStreamMaxStages, (optin - 512) / stage); ++stg) {
+          const float us = time_graph([&](int i) { box_probe_kernel<<<sms, kStreamThreads, 512 + stg * stage, st>>>(map[i % 2], rows, 2048, br, bk, stg, sink); }, 6);
+          printf(" %d:%.0f", stg, nb / us / 1e3);
+        }
+        printf("\n");
+      }
       CK(cudaFree(a));
     }
     for (int pairs : {32, 64}) printf("wide, %d-pair tiles: %d stages of %d B\n", pairs, wide_fit_stages(optin, pairs), wide_stage_bytes(pairs));
-    bf *wx, *wo; float *ww, *wy; int *wids, *sorted, *offset, *texp, *trow, *ntiles; void* wact;
+    bf *wx, *wo; float *ww, *wy; int *wids, *sorted, *offset, *texp, *trow, *ntiles, *tdone, *nexti, *slot_row; void* wact;
     const int max_tiles = prefill_max_tiles(WT * WK, E, 32);
     CK(cudaMalloc(&wx, WT * H * 2)); fill<<<64, 256>>>(wx, WT * H, 99);
     CK(cudaMalloc(&wo, WT * H * 2)); CK(cudaMalloc(&ww, WT * WK * 4)); CK(cudaMalloc(&wy, (size_t)WT * WK * H * 4));
     CK(cudaMalloc(&wids, L * WT * WK * 4)); CK(cudaMalloc(&sorted, WT * WK * 4)); CK(cudaMalloc(&offset, (E + 1) * 4));
-    CK(cudaMalloc(&texp, max_tiles * 4)); CK(cudaMalloc(&trow, max_tiles * 4)); CK(cudaMalloc(&ntiles, 4));
+    CK(cudaMalloc(&texp, max_tiles * 4)); CK(cudaMalloc(&trow, max_tiles * 4)); CK(cudaMalloc(&ntiles, 4)); CK(cudaMalloc(&tdone, max_tiles * 4)); CK(cudaMalloc(&nexti, 4)); CK(cudaMalloc(&slot_row, WT * WK * 4));
     CK(cudaMalloc(&wact, (size_t)WT * WK * I * 2));
     std::vector<float> hw3(WT * WK); for (auto& v : hw3) v = std::uniform_real_distribution<float>(0.1f, 1.f)(rng);
     CK(cudaMemcpy(ww, hw3.data(), hw3.size() * 4, cudaMemcpyHostToDevice));
-    cudaLaunchAttribute attr[1]; attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization; attr[0].val.programmaticStreamSerializationAllowed = 1;
-    auto pdl = [&](dim3 grid, int threads, int smem) {
-      cudaLaunchConfig_t cfg = {}; cfg.gridDim = grid; cfg.blockDim = dim3(threads); cfg.stream = st; cfg.attrs = attr; cfg.numAttrs = 1;
+    cudaLaunchAttribute attr[2]; attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization; attr[0].val.programmaticStreamSerializationAllowed = 1;
+    attr[1].id = cudaLaunchAttributeCooperative; attr[1].val.cooperative = 1;
+    auto pdl = [&](dim3 grid, int threads, int smem, bool coop = false) {
+      cudaLaunchConfig_t cfg = {}; cfg.gridDim = grid; cfg.blockDim = dim3(threads); cfg.stream = st; cfg.attrs = attr; cfg.numAttrs = coop ? 2 : 1;
       cfg.dynamicSmemBytes = smem; return cfg;
     };
     std::vector<CUtensorMap> gu_map(L), dn_map(L);
     for (int l = 0; l < L; ++l)
-      if (!allocmoe::cuda::encode_weight_map(&gu_map[l], gu[l], E, 2 * I, H, kWideK, kWideGateUpBoxRows) ||
-          !allocmoe::cuda::encode_weight_map(&dn_map[l], dn[l], E, H, I, kWideK, kWideDownBoxRows)) { printf("tensor map encode failed\n"); return 1; }
+      if (!encode_wide_maps(&gu_map[l], &dn_map[l], gu[l], dn[l], E, H, I)) { printf("tensor map encode failed\n"); return 1; }
     // the library's launches (experts.cu launch_wide); pairs 0: the library's choice (wide_pairs)
     auto wide = [&](int T, int K, int l, const int* id, bf* o, int pairs = 0) {
       if (pairs == 0) pairs = wide_pairs(T * K, E);
-      PrefillParams p{wx, gu[l], dn[l], ww, id, sorted, offset, texp, trow, ntiles, wact, wy, o, T, K, E, H, I};
+      PrefillParams p{wx, gu[l], dn[l], ww, id, sorted, offset, texp, trow, ntiles, tdone, nexti, slot_row, wact, wy, o, T, K, E, H, I};
       const int stages = wide_fit_stages(optin, pairs);
       cudaLaunchConfig_t cfg = pdl(dim3(1), kAlignThreads, 3 * E * 4);
       CK(cudaLaunchKernelEx(&cfg, prefill_align_kernel, p, pairs));
-      cfg = pdl(dim3(sms), kStreamThreads, wide_smem_bytes(stages, pairs));
-      if (pairs == 32) {
-        CK(cudaLaunchKernelEx(&cfg, wide_kernel<bf, true, 32>, p, gu_map[l], stages));
-        CK(cudaLaunchKernelEx(&cfg, wide_kernel<bf, false, 32>, p, dn_map[l], stages));
-      } else {
-        CK(cudaLaunchKernelEx(&cfg, wide_kernel<bf, true, 64>, p, gu_map[l], stages));
-        CK(cudaLaunchKernelEx(&cfg, wide_kernel<bf, false, 64>, p, dn_map[l], stages));
-      }
+      cfg = pdl(dim3(sms), kStreamThreads, wide_smem_bytes(stages, pairs), true);
+      if (pairs == 32) CK(cudaLaunchKernelEx(&cfg, wide_kernel<bf, 32>, p, gu_map[l], dn_map[l], stages));
+      else CK(cudaLaunchKernelEx(&cfg, wide_kernel<bf, 64>, p, gu_map[l], dn_map[l], stages));
       cfg = pdl(dim3(T), 256, 0);
-      CK(cudaLaunchKernelEx(&cfg, combine_slots_kernel<bf>, CombineParams{wy, id, o, T, K, E, H}));
+      CK(cudaLaunchKernelEx(&cfg, combine_slots_kernel<bf>, CombineParams{wy, id, o, T, K, E, H, slot_row, ww}));
     };
     auto skinny = [&](int T, int K, int l, const int* id, bf* o) {
       SkinnyParams p{wx, gu[l], dn[l], ww, id, wact, wy, T, K, E, H, I};
@@ -507,9 +554,15 @@ int main(int argc, char** argv) {
         CK(cudaStreamSynchronize(st));
         std::vector<unsigned long long> ht(8 * 1024); CK(cudaMemcpy(ht.data(), tr, ht.size() * 8, cudaMemcpyDeviceToHost));
         unsigned long long hs[2]; CK(cudaMemcpy(hs, stamps, 16, cudaMemcpyDeviceToHost));
-        const char* names[8] = {"gu entry", "gu tiles", "gu 1st stage", "gu end", "dn entry", "dn tiles", "dn 1st stage", "dn end"};
+        const char* names[8] = {"entry", "tiles", "1st stage", "gate_up over", "", "", "1st dn stage", "end"};
         printf("  trace wide T=%d (stamp after at %.2f us): min / median / max / CTAs\n", T, (hs[1] - hs[0]) / 1000.0);
-        print_trace(ht, hs[0], sms, names, {0, 1, 2, 3, 4, 5, 6, 7});
+        print_trace(ht, hs[0], sms, names, {0, 1, 2, 3, 6, 7});
+        {  // consumer warp 0 of each CTA: cycles waiting for stages, cycles between a stage's arrival and its release
+          std::vector<unsigned long long> w(ht.begin() + 4 * 1024, ht.begin() + 4 * 1024 + sms), b(ht.begin() + 5 * 1024, ht.begin() + 5 * 1024 + sms);
+          std::sort(w.begin(), w.end()); std::sort(b.begin(), b.end());
+          printf("    consumer warp 0, Mcycles: waiting for stages %.3f / %.3f / %.3f, on stages %.3f / %.3f / %.3f (min / median / max)\n",
+                 w.front() / 1e6, w[sms / 2] / 1e6, w.back() / 1e6, b.front() / 1e6, b[sms / 2] / 1e6, b.back() / 1e6);
+        }
         CK(cudaFree(stamps));
       }
     }

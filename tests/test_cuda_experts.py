@@ -316,11 +316,28 @@ def test_wide_graph_replay_and_no_slots(monkeypatch):
     assert torch.equal(out.cpu(), torch.zeros(5, 256, dtype=torch.bfloat16))
 
 
+@pytest.mark.parametrize("T,K,kernel", [(17, 6, "wide_kernel"), (256, 6, "wide_kernel"), (512, 6, "wide_kernel"),
+                                         (600, 6, "skinny_gate_up_kernel")])
+def test_auto_takes_wide_kernel_past_16_tokens_on_sm90(T, K, kernel, monkeypatch):
+    """On sm_90 auto mode past 16 tokens runs the wide kernel up to 48 slots per expert on
+    average (T*K <= 48 E), then skinny (not a silent fallback)."""
+    needs_sm90()
+    inputs = make_inputs(T, 64, K, 2048, 1408, torch.bfloat16, seed=T)
+    ref = run_cpu(inputs)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        out = run_cuda(inputs, path="auto", monkeypatch=monkeypatch)
+    names = " ".join(e.name for e in prof.events())
+    assert kernel in names, names[:2000]
+    assert rel_err(out, ref) < 1e-2
+
+
 def test_auto_path_choice(monkeypatch):
-    """Auto mode equals every forced fast path at the sizes where it switches (T=16/17, and the
-    skinny limit of 64 slots per expert on average: T*K = 64*E)."""
-    for T, E, K in ((16, 16, 4), (17, 16, 4), (256, 16, 4), (257, 16, 4)):
-        inputs = make_inputs(T, E, K, 64, 96, torch.bfloat16, seed=T)
+    """Auto mode equals every forced fast path at the sizes where it switches (T=16/17, the wide
+    limit of 48 slots per expert on average where wide fits (H=128, I=64), and the skinny limit of
+    64: T*K = 64*E)."""
+    for T, E, K, H, I in ((16, 16, 4, 64, 96), (17, 16, 4, 64, 96), (192, 16, 4, 128, 64), (193, 16, 4, 128, 64),
+                          (256, 16, 4, 64, 96), (257, 16, 4, 64, 96)):
+        inputs = make_inputs(T, E, K, H, I, torch.bfloat16, seed=T)
         ref = run_cpu(inputs)
         outs = {p: run_cuda(inputs, path=p, monkeypatch=monkeypatch) for p in ("auto",) + FAST_PATHS}
         for p, o in outs.items():

@@ -1,6 +1,6 @@
 // CUDA implementation of torch.ops.allocmoe.experts (contract: docs/OPS.md).
 //
-// Five paths, chosen on the host from shapes only (never from the routing data, so no sync):
+// Six paths, chosen on the host from shapes only (never from the routing data, so no sync):
 //   - stream (experts_stream.cuh): T <= kStreamMaxTokens (64) on the standard case (bf16/fp16,
 //     silu, no biases, contiguous weights, H and I multiples of 32; E <= 512 past T*K = 320) on
 //     sm_90: two persistent launches (three past 16 tokens) that feed the selected experts'
@@ -12,13 +12,14 @@
 //     OLMoE T=64 301.2 vs 296.4), so past 16 tokens it is reached only when forced.
 //   - decode (experts_decode.cuh): the same cases before sm_90 (or when x does not fit in
 //     shared memory); streams each used expert's weights once with 16-byte loads.
+//   - wide (experts_wide.cuh): past 16 tokens up to kWideMaxAvgSlots per expert on sm_90 with
+//     I % 64 == 0 and H % 128 == 0 (and cooperative launch); one persistent launch in which the
+//     weights of 128-row items come through tensor-map copies into a shared-memory ring while
+//     consumer warps multiply (warp specialisation), down items starting as soon as their
+//     tile's gate_up items are done; memory-bound up to a few hundred tokens.
 //   - skinny (experts_skinny.cuh): mid T (a few dozen tokens per expert on average) on the
-//     standard case; weights on the wide MMA side, each expert's tokens on the narrow side,
-//     every expert's weights streamed once; memory-bound.
-//   - wide (experts_wide.cuh): mid T on sm_90 with I % 64 == 0 and H % 128 == 0; the weights of
-//     128-row items come through tensor-map copies into a shared-memory ring while the consumer
-//     warps multiply (warp specialisation), the tokens' rows in the same stages. Reached only
-//     when forced until it is measured against skinny (docs/KERNELS.md, "wide path").
+//     standard case where wide does not run; weights on the wide MMA side, each expert's tokens
+//     on the narrow side, every expert's weights streamed once; memory-bound.
 //   - prefill (experts_prefill.cuh): larger T on the standard case; device-side alignment and
 //     two grouped tensor-core GEMMs with 128-token tiles.
 //   - generic (below): everything else (fp32, swiglu_oai, biases, any strides); one thread per
@@ -68,6 +69,11 @@ constexpr int64_t kDecodeMaxSlots = 4096;
 // the DeepSeek-V2-Lite shape: skinny 1.17x faster than prefill at 48 slots per expert, T=512;
 // not measured past that, where kSkinnyMaxSlots binds first for E=64).
 constexpr int64_t kSkinnyMaxAvgSlots = 64;
+// Auto mode takes the wide path instead of skinny where it fits (sm_90, I % 64 == 0, H % 128 ==
+// 0) up to this many slots per expert on average: measured at the DeepSeek-V2-Lite shape
+// (bench/stream_kernel_harness.cu wide, H100, us per call in a graph, wide / skinny): T=32 354 /
+// 378, T=64 368 / 398, T=128 373 / 408, T=256 400 / 436, T=512 (48 per expert) 454 / 515.
+constexpr int64_t kWideMaxAvgSlots = 48;
 // Most experts the fast paths take (the decode bitmap and the align kernel's counters).
 constexpr int kMaxExpertsFast = 4096;
 
@@ -399,16 +405,16 @@ PrefillParams aligned_params(const at::Tensor& x, const at::Tensor& gate_up, con
   const int T = x.size(0), H = x.size(1), E = gate_up.size(0), I = gate_up.size(1) / 2, K = ids.size(1);
   const int64_t TK = (int64_t)T * K;
   Scratch s;
-  const int64_t sorted_at = s.take(TK * 4), offset_at = s.take((int64_t)(E + 1) * 4);
+  const int64_t sorted_at = s.take(TK * 4), slot_row_at = s.take(TK * 4), offset_at = s.take((int64_t)(E + 1) * 4);
   const int64_t texp_at = s.take((int64_t)max_tiles * 4), trow_at = s.take((int64_t)max_tiles * 4);
-  const int64_t ntiles_at = s.take(4);
+  const int64_t tdone_at = s.take((int64_t)max_tiles * 4), ntiles_at = s.take(4), next_at = s.take(4);
   const int64_t act_at = s.take(TK * I * x.element_size()), y_at = s.take(TK * H * 4);
   scratch = at::empty({s.bytes}, x.options().dtype(at::kByte));
   char* base = static_cast<char*>(scratch.data_ptr());
   auto ints = [base](int64_t at) { return reinterpret_cast<int*>(base + at); };
   return PrefillParams{x.data_ptr(), gate_up.data_ptr(), down.data_ptr(), weights.data_ptr<float>(),
                        ids.data_ptr<int>(), ints(sorted_at), ints(offset_at), ints(texp_at), ints(trow_at),
-                       ints(ntiles_at), base + act_at, reinterpret_cast<float*>(base + y_at), out.data_ptr(),
+                       ints(ntiles_at), ints(tdone_at), ints(next_at), ints(slot_row_at), base + act_at, reinterpret_cast<float*>(base + y_at), out.data_ptr(),
                        T, K, E, H, I};
 }
 
@@ -430,7 +436,7 @@ void run_prefill(const at::Tensor& x, const at::Tensor& gate_up, const at::Tenso
 }
 
 bool wide_fits(int64_t T, int64_t K, int64_t E, int64_t H, int64_t I, const DeviceInfo& d) {
-  return d.major >= 9 && I % kWideGateUpBoxRows == 0 && H % kWideRows == 0 && H <= INT_MAX / 2 &&
+  return d.major >= 9 && d.coop && I % kWideGateUpBoxRows == 0 && H % kWideRows == 0 && H <= INT_MAX / 2 &&
          wide_fit_stages(d.smem_optin, wide_pairs(T * K, E)) >= kWideMinStages;
 }
 
@@ -438,21 +444,22 @@ template <typename Elem, int kPairs>
 void launch_wide(const PrefillParams& p, const CUtensorMap& gate_up_map, const CUtensorMap& down_map,
                  const DeviceInfo& d, cudaStream_t stream) {
   const int stages = wide_fit_stages(d.smem_optin, kPairs), smem = wide_smem_bytes(stages, kPairs);
-  static bool gate_up_done[64] = {}, down_done[64] = {};
-  set_smem_limit(reinterpret_cast<const void*>(&wide_kernel<Elem, true, kPairs>), smem, gate_up_done);
-  set_smem_limit(reinterpret_cast<const void*>(&wide_kernel<Elem, false, kPairs>), smem, down_done);
-  // All four are programmatic dependent launches (captured into CUDA graphs as such): each may
+  static bool smem_done[64] = {};
+  set_smem_limit(reinterpret_cast<const void*>(&wide_kernel<Elem, kPairs>), smem, smem_done);
+  // All three are programmatic dependent launches (captured into CUDA graphs as such): each may
   // become resident while the grid before it drains, and waits for it before reading its output
-  // (the combine through launch_combine).
-  cudaLaunchAttribute pdl{};
-  pdl.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  pdl.val.programmaticStreamSerializationAllowed = 1;
-  const cudaLaunchConfig_t align{dim3(1), dim3(kAlignThreads), 3 * p.E * sizeof(int), stream, &pdl, 1};
-  const cudaLaunchConfig_t phase{dim3(d.sms), dim3(kStreamThreads), static_cast<size_t>(smem), stream, &pdl, 1};
+  // (the combine through launch_combine). The experts launch is also cooperative: its down items
+  // wait for gate_up items of other CTAs, so every CTA must be resident.
+  cudaLaunchAttribute attr[2];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  attr[1].id = cudaLaunchAttributeCooperative;
+  attr[1].val.cooperative = 1;
+  const cudaLaunchConfig_t align{dim3(1), dim3(kAlignThreads), 3 * p.E * sizeof(int), stream, attr, 1};
+  const cudaLaunchConfig_t experts{dim3(d.sms), dim3(kStreamThreads), static_cast<size_t>(smem), stream, attr, 2};
   C10_CUDA_CHECK(cudaLaunchKernelEx(&align, prefill_align_kernel, p, kPairs));
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&phase, wide_kernel<Elem, true, kPairs>, p, gate_up_map, stages));
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&phase, wide_kernel<Elem, false, kPairs>, p, down_map, stages));
-  launch_combine<Elem>(CombineParams{p.y, p.ids, p.out, p.T, p.K, p.E, p.H}, stream);
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&experts, wide_kernel<Elem, kPairs>, p, gate_up_map, down_map, stages));
+  launch_combine<Elem>(CombineParams{p.y, p.ids, p.out, p.T, p.K, p.E, p.H, p.slot_row, p.weights}, stream);
 }
 
 // Returns false, having launched nothing, when the driver cannot encode the weights' tensor maps.
@@ -461,9 +468,7 @@ bool run_wide(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor& 
               const at::Tensor& ids, at::Tensor& out, cudaStream_t stream) {
   const int T = x.size(0), H = x.size(1), E = gate_up.size(0), I = gate_up.size(1) / 2, K = ids.size(1);
   CUtensorMap gate_up_map, down_map;
-  if (!cuda::encode_weight_map(&gate_up_map, gate_up.data_ptr(), E, 2 * I, H, kWideK, kWideGateUpBoxRows) ||
-      !cuda::encode_weight_map(&down_map, down.data_ptr(), E, H, I, kWideK, kWideDownBoxRows))
-    return false;
+  if (!encode_wide_maps(&gate_up_map, &down_map, gate_up.data_ptr(), down.data_ptr(), E, H, I)) return false;
   const int pairs = wide_pairs((int64_t)T * K, E);
   at::Tensor scratch;
   const PrefillParams p =
@@ -565,6 +570,7 @@ at::Tensor experts_cuda(const at::Tensor& hidden, const at::Tensor& gate_up, con
     else if (forced == Path::kPrefill) path = Path::kPrefill;
     else if (stream_ok && T <= kStreamAutoMaxTokens) path = Path::kStream;
     else if (T <= kDecodeMaxTokens && decode_fits) path = Path::kDecode;
+    else if (T * K <= kWideMaxAvgSlots * E && wide_fits(T, K, E, H, gate_up.size(1) / 2, dev)) path = Path::kWide;
     else if (skinny_fits && T * K <= kSkinnyMaxAvgSlots * E) path = Path::kSkinny;
     else path = Path::kPrefill;
   }

@@ -100,14 +100,18 @@ __device__ __forceinline__ void mma_k32(float (&acc)[4], const uint4& row_g, con
 // 16-byte shared-memory load.
 __device__ __forceinline__ uint4 load_shared16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
 
-// Final step of the prefill and skinny paths: out[t] = sum over the valid slots k of t, in slot
-// order (deterministic), of y[t*K + k] (fp32, already times the routing weight); one CTA per
-// token, 4 columns per thread per step (H % 4 == 0). Tokens with no valid slot get zeros.
+// Final step of the prefill, skinny, stream (past 16 tokens) and wide paths: out[t] = sum over the
+// valid slots k of t, in slot order (deterministic), of weights[slot] * y[row of slot] (fp32);
+// one CTA per token, 4 columns per thread per step (H % 4 == 0). Tokens with no valid slot get
+// zeros. Without slot_row and weights (all but the wide path) y's row is the slot and y is already
+// times the routing weight.
 struct CombineParams {
   const float* y;   // [T*K, H]
   const int* ids;   // [T, K]
   void* out;        // [T, H]
   int T, K, E, H;
+  const int* slot_row = nullptr;    // [T*K] y's row of each slot (the wide path: y in expert order)
+  const float* weights = nullptr;   // [T*K] routing weights, applied here (the wide path)
 };
 
 template <typename T>
@@ -120,11 +124,13 @@ __global__ void __launch_bounds__(256) combine_slots_kernel(CombineParams p) {
     for (int k = 0; k < K; ++k) {
       const int slot = t * K + k, e = p.ids[slot];
       if (e < 0 || e >= p.E) continue;
-      const float4 v = *reinterpret_cast<const float4*>(p.y + (size_t)slot * H + h);
-      s.x += v.x;
-      s.y += v.y;
-      s.z += v.z;
-      s.w += v.w;
+      const int row = p.slot_row ? p.slot_row[slot] : slot;
+      const float w = p.weights ? p.weights[slot] : 1.f;
+      const float4 v = *reinterpret_cast<const float4*>(p.y + (size_t)row * H + h);
+      s.x += w * v.x;
+      s.y += w * v.y;
+      s.z += w * v.z;
+      s.w += w * v.w;
     }
     const uint2 packed = make_uint2(Mma16<T>::pack2(s.x, s.y), Mma16<T>::pack2(s.z, s.w));
     *reinterpret_cast<uint2*>(out + (size_t)t * H + h) = packed;

@@ -32,6 +32,9 @@ struct PrefillParams {
   int* tile_expert;         // [max_tiles]
   int* tile_row;            // [max_tiles] first sorted row of the tile
   int* num_tiles;           // [1]
+  int* tile_done;           // [max_tiles] zeroed by the align kernel (the wide path's tile readiness)
+  int* next_item;           // [1] zeroed by the align kernel (the wide path's item counter)
+  int* slot_row;            // [T*K] sorted row of each valid slot (the wide path's combine)
   void* act;                // [T*K, I] scratch, rows in sorted order, input dtype
   float* y;                 // [T*K, H] scratch, weighted down output per slot
   void* out;                // [T, H]
@@ -73,6 +76,7 @@ __global__ void __launch_bounds__(kAlignThreads) prefill_align_kernel(PrefillPar
     }
     p.expert_offset[p.E] = rows;
     *p.num_tiles = tiles;
+    *p.next_item = 0;
   }
   __syncthreads();
   for (int e = tid; e < p.E; e += kAlignThreads) {
@@ -80,12 +84,17 @@ __global__ void __launch_bounds__(kAlignThreads) prefill_align_kernel(PrefillPar
     for (int t = 0; t < n; ++t) {
       p.tile_expert[s_tile[e] + t] = e;
       p.tile_row[s_tile[e] + t] = s_cursor[e] + t * tile_rows;
+      p.tile_done[s_tile[e] + t] = 0;
     }
   }
   __syncthreads();
   for (int i = tid; i < TK; i += kAlignThreads) {
     const int e = p.ids[i];
-    if (e >= 0 && e < p.E) p.sorted_slot[atomicAdd(&s_cursor[e], 1)] = i;
+    if (e >= 0 && e < p.E) {
+      const int row = atomicAdd(&s_cursor[e], 1);
+      p.sorted_slot[row] = i;
+      p.slot_row[i] = row;
+    }
   }
 }
 

@@ -14,8 +14,10 @@ namespace allocmoe::cuda {
 
 // Boxes of box_k x box_rows elements of one expert; reads past k land as zeros. False if the
 // driver has no encoder or refuses the layout (the caller then takes another path).
+// swizzle128: box rows of 128 bytes (box_k = 64) land with their 16-byte chunks XOR-ed by the row
+// index mod 8 (CU_TENSOR_MAP_SWIZZLE_128B; the box's shared-memory address 1024-byte aligned).
 inline bool encode_weight_map(CUtensorMap* map, const void* base, int64_t E, int64_t rows, int64_t k, int box_k,
-                              int box_rows) {
+                              int box_rows, bool swizzle128 = false) {
   static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
     void* fn = nullptr;
     cudaDriverEntryPointQueryResult found{};
@@ -33,7 +35,8 @@ inline bool encode_weight_map(CUtensorMap* map, const void* base, int64_t E, int
   const cuuint32_t box[3] = {static_cast<cuuint32_t>(box_k), static_cast<cuuint32_t>(box_rows), 1};
   const cuuint32_t steps[3] = {1, 1, 1};
   return encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT16, 3, const_cast<void*>(base), dims, strides, box, steps,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_INTERLEAVE_NONE,
+                swizzle128 ? CU_TENSOR_MAP_SWIZZLE_128B : CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
