@@ -405,7 +405,8 @@ PrefillParams aligned_params(const at::Tensor& x, const at::Tensor& gate_up, con
   const int T = x.size(0), H = x.size(1), E = gate_up.size(0), I = gate_up.size(1) / 2, K = ids.size(1);
   const int64_t TK = (int64_t)T * K;
   Scratch s;
-  const int64_t sorted_at = s.take(TK * 4), slot_row_at = s.take(TK * 4), offset_at = s.take((int64_t)(E + 1) * 4);
+  const int64_t sorted_at = s.take(TK * 4), slot_row_at = s.take(TK * 4);
+  const int64_t offset_at = s.take((int64_t)(E + 1) * 4);
   const int64_t texp_at = s.take((int64_t)max_tiles * 4), trow_at = s.take((int64_t)max_tiles * 4);
   const int64_t tdone_at = s.take((int64_t)max_tiles * 4), ntiles_at = s.take(4), next_at = s.take(4);
   const int64_t act_at = s.take(TK * I * x.element_size()), y_at = s.take(TK * H * 4);
@@ -414,8 +415,8 @@ PrefillParams aligned_params(const at::Tensor& x, const at::Tensor& gate_up, con
   auto ints = [base](int64_t at) { return reinterpret_cast<int*>(base + at); };
   return PrefillParams{x.data_ptr(), gate_up.data_ptr(), down.data_ptr(), weights.data_ptr<float>(),
                        ids.data_ptr<int>(), ints(sorted_at), ints(offset_at), ints(texp_at), ints(trow_at),
-                       ints(ntiles_at), ints(tdone_at), ints(next_at), ints(slot_row_at), base + act_at, reinterpret_cast<float*>(base + y_at), out.data_ptr(),
-                       T, K, E, H, I};
+                       ints(ntiles_at), ints(tdone_at), ints(next_at), ints(slot_row_at), base + act_at,
+                       reinterpret_cast<float*>(base + y_at), out.data_ptr(), T, K, E, H, I};
 }
 
 template <typename Elem>

@@ -36,7 +36,8 @@ struct PrefillParams {
   int* next_item;           // [1] zeroed by the align kernel (the wide path's item counter)
   int* slot_row;            // [T*K] sorted row of each valid slot (the wide path's combine)
   void* act;                // [T*K, I] scratch, rows in sorted order, input dtype
-  float* y;                 // [T*K, H] scratch, weighted down output per slot
+  float* y;                 // [T*K, H] scratch, fp32 down output: per slot times its weight (prefill),
+                            // per sorted row unweighted (wide; the combine applies the weights)
   void* out;                // [T, H]
   int T, K, E, H, I;
 };
