@@ -162,54 +162,18 @@ __global__ void __launch_bounds__(kStreamThreads, 1) copy_probe_kernel(const cha
   if (acc == 123456) sink[0] = acc;
 }
 
-// The same walk with tensor-map boxes: a stage is 16 rows x 512 elements (1 KB of each row) as
-// two boxes of 256 elements x 16 rows (map: encode_weight_map with E = 1), so 2 copies per stage
-// instead of 16. The stream path's stages with either kind of copy, no compute.
-__global__ void __launch_bounds__(kStreamThreads, 1) tma_probe_kernel(const __grid_constant__ CUtensorMap map, int rows, int row_elems, int stages, int* sink) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  const uint32_t full0 = smem_addr(smem), empty0 = full0 + 8 * kStreamMaxStages;
-  const uint32_t ring = (smem_addr(smem) + 128 + 127) / 128 * 128;
-  unsigned char* ring_ptr = smem + (ring - smem_addr(smem));
-  constexpr int kStage = 16 * 1024;
-  if (threadIdx.x == 0) { for (int i = 0; i < stages; ++i) { mbar_init(full0 + 8 * i, 1); mbar_init(empty0 + 8 * i, kStreamConsumers); } mbar_init_fence(); }
-  __syncthreads();
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, blocks = rows / 16;
-  RingPos pos;
-  if (warp > kStreamConsumerWarps) return;
-  if (warp == kStreamConsumerWarps) {
-    if (lane != 0) return;
-    const uint64_t pol = evict_first_policy();
-    for (int b = blockIdx.x; b < blocks; b += gridDim.x)
-      for (int k0 = 0; k0 < row_elems; k0 += 512) {
-        mbar_wait(empty0 + 8 * pos.stage, pos.phase ^ 1u);
-        mbar_arrive_expect_tx(full0 + 8 * pos.stage, kStage);
-        tma_load_3d(ring + pos.stage * kStage, &map, k0, b * 16, 0, full0 + 8 * pos.stage, pol);
-        tma_load_3d(ring + pos.stage * kStage + kStage / 2, &map, k0 + 256, b * 16, 0, full0 + 8 * pos.stage, pol);
-        pos.next(stages);
-      }
-    return;
-  }
-  int acc = 0;
-  for (int b = blockIdx.x; b < blocks; b += gridDim.x)
-    for (int k0 = 0; k0 < row_elems; k0 += 512) {
-      mbar_wait(full0 + 8 * pos.stage, pos.phase);
-      acc += ring_ptr[pos.stage * kStage + threadIdx.x];
-      mbar_arrive(empty0 + 8 * pos.stage);
-      pos.next(stages);
-    }
-  if (acc == 123456) sink[0] = acc;
-}
-
-// The wide path's weight walk alone: items of box_rows rows dealt round robin, each streamed over
-// all of k in stages of one box of box_k x box_rows elements; no compute. How DRAM reads depend on
-// the box's shape and on the bytes in flight (the ring depth).
+// A weight walk with tensor-map boxes alone (map: encode_weight_map with E = 1), no compute:
+// items of box_rows rows dealt round robin, each streamed over all of k in stages of `boxes`
+// boxes of box_k x box_rows elements side by side in k. The stream path's 16 x 1 KB stages as 2
+// boxes (against 16 bulk copies, copy_probe_kernel), and the wide path's walk by box shape and
+// ring depth (how DRAM reads depend on them).
 __global__ void __launch_bounds__(kStreamThreads, 1) box_probe_kernel(const __grid_constant__ CUtensorMap map, int rows, int row_elems,
-                                                                      int box_rows, int box_k, int stages, int* sink) {
+                                                                      int box_rows, int box_k, int boxes, int stages, int* sink) {
   extern __shared__ __align__(16) unsigned char smem[];
   const uint32_t full0 = smem_addr(smem), empty0 = full0 + 8 * kStreamMaxStages;
   const uint32_t ring = (smem_addr(smem) + 16 * kStreamMaxStages + 127) / 128 * 128;
   unsigned char* ring_ptr = smem + (ring - smem_addr(smem));
-  const int stage = box_rows * box_k * 2, blocks = rows / box_rows;
+  const int box = box_rows * box_k * 2, stage = boxes * box, step = boxes * box_k, blocks = rows / box_rows;
   if (threadIdx.x == 0) { for (int i = 0; i < stages; ++i) { mbar_init(full0 + 8 * i, 1); mbar_init(empty0 + 8 * i, kStreamConsumers); } mbar_init_fence(); }
   __syncthreads();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -219,17 +183,18 @@ __global__ void __launch_bounds__(kStreamThreads, 1) box_probe_kernel(const __gr
     if (lane != 0) return;
     const uint64_t pol = evict_first_policy();
     for (int b = blockIdx.x; b < blocks; b += gridDim.x)
-      for (int k0 = 0; k0 < row_elems; k0 += box_k) {
+      for (int k0 = 0; k0 < row_elems; k0 += step) {
         mbar_wait(empty0 + 8 * pos.stage, pos.phase ^ 1u);
         mbar_arrive_expect_tx(full0 + 8 * pos.stage, stage);
-        tma_load_3d(ring + pos.stage * stage, &map, k0, b * box_rows, 0, full0 + 8 * pos.stage, pol);
+        for (int j = 0; j < boxes; ++j)
+          tma_load_3d(ring + pos.stage * stage + j * box, &map, k0 + j * box_k, b * box_rows, 0, full0 + 8 * pos.stage, pol);
         pos.next(stages);
       }
     return;
   }
   int acc = 0;
   for (int b = blockIdx.x; b < blocks; b += gridDim.x)
-    for (int k0 = 0; k0 < row_elems; k0 += box_k) {
+    for (int k0 = 0; k0 < row_elems; k0 += step) {
       mbar_wait(full0 + 8 * pos.stage, pos.phase);
       acc += ring_ptr[pos.stage * stage + threadIdx.x];
       mbar_arrive(empty0 + 8 * pos.stage);
@@ -422,19 +387,18 @@ int main(int argc, char** argv) {
       }
       // stages of 16 rows x 1 KB (the stream path's), 12 stages: 16 bulk copies vs 2 tensor-map boxes,
       // rows contiguous (1 KB rows) and 4 KB apart (gate_up rows at H = 2048)
-      CK(cudaFuncSetAttribute(tma_probe_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+      CK(cudaFuncSetAttribute(box_probe_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
       for (int row_bytes : {1024, 4096}) {
         const int rows = (int)(nb / row_bytes), stg = 12;
         CUtensorMap map[2];
         for (int h = 0; h < 2; ++h)
           if (!allocmoe::cuda::encode_weight_map(&map[h], a + h * nb, 1, rows, row_bytes / 2, 256, 16)) { printf("tensor map encode failed\n"); return 1; }
         const float us_b = time_graph([&](int i) { copy_probe_kernel<<<sms, kStreamThreads, 256 + stg * 16 * (1024 + 64), st>>>(a + (i % 2) * nb, 1, rows, row_bytes, 16, 1024, stg, sink); }, 6);
-        const float us_t = time_graph([&](int i) { tma_probe_kernel<<<sms, kStreamThreads, 256 + stg * 16 * 1024, st>>>(map[i % 2], rows, row_bytes / 2, stg, sink); }, 6);
+        const float us_t = time_graph([&](int i) { box_probe_kernel<<<sms, kStreamThreads, 512 + stg * 16 * 1024, st>>>(map[i % 2], rows, row_bytes / 2, 16, 256, 2, stg, sink); }, 6);
         printf("16 rows x 1 KB stages, rows of %d B: 16 bulk copies %.1f us = %.0f GB/s, 2 tensor boxes %.1f us = %.0f GB/s\n",
                row_bytes, us_b, nb / us_b / 1e3, us_t, nb / us_t / 1e3);
       }
       // the wide path's walk: rows of 4 KB (gate_up at H = 2048), box shapes x ring depths
-      CK(cudaFuncSetAttribute(box_probe_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
       const int shapes[][2] = {{128, 128}, {64, 256}, {128, 64}, {32, 256}, {256, 64}};
       for (auto& sh : shapes) {
         const int br = sh[0], bk = sh[1], rows = (int)(nb / 4096), stage = br * bk * 2;
@@ -443,7 +407,7 @@ int main(int argc, char** argv) {
           if (!allocmoe::cuda::encode_weight_map(&map[h], a + h * nb, 1, rows, 2048, bk, br)) { printf("tensor map encode failed\n"); return 1; }
         printf("boxes of %3d rows x %3d k (%2d KB), GB/s by stages:", br, bk, stage / 1024);
         for (int stg = 3; stg <= std::min(kStreamMaxStages, (optin - 512) / stage); ++stg) {
-          const float us = time_graph([&](int i) { box_probe_kernel<<<sms, kStreamThreads, 512 + stg * stage, st>>>(map[i % 2], rows, 2048, br, bk, stg, sink); }, 6);
+          const float us = time_graph([&](int i) { box_probe_kernel<<<sms, kStreamThreads, 512 + stg * stage, st>>>(map[i % 2], rows, 2048, br, bk, 1, stg, sink); }, 6);
           printf(" %d:%.0f", stg, nb / us / 1e3);
         }
         printf("\n");

@@ -50,8 +50,8 @@ constexpr int kWideMaxStages = 8;
 constexpr int kWideMinStages = 3;
 constexpr int kWideQueue = 4;  // items claimed by the weight producer and not yet taken by every role
 // Shared memory before the ring: the ring's full/empty mbarriers, the item queue's full/empty
-// mbarriers and items, the operand warp's row table (up to 64 ints); then the ring, 128-byte
-// aligned at run time (tensor copies need it).
+// mbarriers and items, the operand warp's row table (up to 64 ints); then the ring, 1024-byte
+// aligned at run time (the 128-byte swizzle of the tensor copies needs it).
 constexpr int kWideQueueBarsAt = 16 * kWideMaxStages, kWideQueueAt = kWideQueueBarsAt + 16 * kWideQueue;
 constexpr int kWideRowTableAt = kWideQueueAt + 4 * kWideQueue;
 constexpr int kWideHeader = 640;
@@ -218,8 +218,8 @@ __device__ __forceinline__ void wide_tile_acquire(const int* counter, int target
 // Inside the CTA the weight producer claims and passes each item to the operand warp and the
 // consumer warps through a queue of kWideQueue slots (mbarriers: full, one arrival by the
 // producer; empty, one by the operand warp and one per consumer warp).
-// gate_up_map: [E, 2I, H] in boxes of 128 k x 64 rows; down_map: [E, H, I] in boxes of 128 k x
-// 128 rows; stages: the ring depth the launch sized.
+// gate_up_map: [E, 2I, H] in boxes of 64 k x 64 rows; down_map: [E, H, I] in boxes of 64 k x
+// 128 rows (encode_wide_maps); stages: the ring depth the launch sized.
 template <typename T, int kPairs>
 __global__ void __launch_bounds__(kStreamThreads, 1)
     wide_kernel(PrefillParams p, const __grid_constant__ CUtensorMap gate_up_map,
