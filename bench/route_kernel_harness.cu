@@ -11,7 +11,7 @@
 //           first block's entry to the last block's: scored, pool published, cut, rows written
 //           (the five stamps add ~0.1 us to the other two timings; a build with
 //           -DROUTE_HARNESS_NO_TRACE leaves them out and prints zeros here).
-// and three launch shapes: "cur" as route.cu launches it, "one" (up to 32 warps in one block),
+// and three launch shapes: "cur" as route.cu launches it, "w16" (blocks of up to 16 warps),
 // "wide" (8 blocks from T = 8 on). Each case also prints a hash of its outputs, the same for
 // every shape and for every build of the kernel that computes the same ids and weights.
 // Build on a machine with nvcc (no GPU needed) from the repository root, run on the GPU:
@@ -48,7 +48,7 @@ struct Shape { const char* name; int nw, nb; };
 Shape launch_shape(const char* name, int T) {
   int nw;
   if (!strcmp(name, "cur")) nw = warp_path_warps_per_block(T, true);  // as route.cu on sm_90
-  else if (!strcmp(name, "one")) nw = std::min(T, 32);
+  else if (!strcmp(name, "w16")) nw = std::min(T, 16);
   else nw = T <= 8 ? T : (T + 7) / 8;  // wide: 8 blocks
   return {name, nw, (T + nw - 1) / nw};
 }
@@ -117,7 +117,7 @@ int main() {
   CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
   const int Ts[] = {1, 2, 4, 8, 16, 32, 64};
   const double budgets[] = {6.0, 4.5, 3.0, 2.0};
-  const char* shapes[] = {"cur", "one", "wide"};
+  const char* shapes[] = {"cur", "w16", "wide"};
   std::mt19937 rng(1234);
   std::normal_distribution<float> nd(0.0f, 2.0f);
   std::vector<float> h(kSets * 64 * kE);

@@ -427,6 +427,52 @@ __device__ inline AllocCut block_alloc_cut(const uint32_t* pool, int N, long lon
   return AllocCut{prefix, 2};
 }
 
+// A warp path token with at most kRankMaxEntries pool entries, in a pool of at most
+// kRankMaxPool, finds its Alloc-T keep count by ranks (warp_keep_by_rank) instead of the block's
+// radix cut, which costs a block barrier per pass (two or three passes) after the pool is
+// published. Measured on H100 (bench/route_kernel_harness.cu, DeepSeek-V2-Lite routing, a call
+// in a graph): docs/KERNELS.md, "route: keep counts by rank".
+constexpr int kRankMaxEntries = 8, kRankMaxPool = 1024;
+__host__ __device__ inline bool rank_cut_fits(int pt, int N) { return pt <= kRankMaxEntries && N <= kRankMaxPool; }
+
+// How many of one token's pt pool entries Alloc-T keeps, by the calling warp alone: entry r
+// (ordered score in lane kb + r, pool index j0 + r) is kept iff fewer than `extra` pool keys are
+// larger than its alloc_key. Each lane counts, for all of the token's entries at once, the
+// larger keys among pool[lane], pool[lane + 32], ...; one warp sum per entry adds the lanes up.
+// Keys are unique, so this keeps exactly the entries that the radix cut keeps; a token's
+// entries are in decreasing key order, so the kept ones are its first ones.
+template <int R>  // R >= pt entries in registers
+__device__ __forceinline__ int warp_keep_by_rank_r(const uint32_t* pool, int N, long long extra, int j0, int pt,
+                                                   uint32_t key, int kb) {
+  const int lane = threadIdx.x & 31;
+  unsigned long long own[R];
+  uint32_t larger[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const uint32_t c = __shfl_sync(0xffffffffu, key, min(kb + r, 31));
+    own[r] = r < pt ? alloc_key(c, static_cast<uint32_t>(j0 + r)) : ~0ull;  // ~0ull: no key is larger
+    larger[r] = 0u;
+  }
+#pragma unroll 2
+  for (int q = lane; q < N; q += 32) {
+    const unsigned long long kq = alloc_key(pool[q], static_cast<uint32_t>(q));
+#pragma unroll
+    for (int r = 0; r < R; ++r) larger[r] += kq > own[r];
+  }
+  int kept = 0;
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+    kept += r < pt && static_cast<long long>(__reduce_add_sync(0xffffffffu, larger[r])) < extra;
+  return kept;
+}
+__device__ __forceinline__ int warp_keep_by_rank(const uint32_t* pool, int N, long long extra, int j0, int pt,
+                                                 uint32_t key, int kb) {
+  if (pt <= 2) return warp_keep_by_rank_r<2>(pool, N, extra, j0, pt, key, kb);
+  if (pt <= 4) return warp_keep_by_rank_r<4>(pool, N, extra, j0, pt, key, kb);
+  if (pt <= 6) return warp_keep_by_rank_r<6>(pool, N, extra, j0, pt, key, kb);
+  return warp_keep_by_rank_r<kRankMaxEntries>(pool, N, extra, j0, pt, key, kb);
+}
+
 // The Alloc-T cut for a whole block: the key range (lo, hi) of every thread (any split of the
 // keys) is reduced over the block, then block_alloc_cut runs on pool[0, N). Every thread calls
 // it; hist (3 * 256 words) and range (64 words) are shared scratch.
@@ -556,7 +602,9 @@ __device__ __forceinline__ void route_token_per_warp(const in_t* __restrict__ lo
   // One token (or no cut): its best `extra` pool entries are the extra slots.
   int n = mode == 0 ? kb : mode == 1 ? K : kb + static_cast<int>(a.extra);
   if (cut_needed) {
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0u;
+    const bool by_rank = rank_cut_fits(pt, N);
+    if (!by_rank)
+      for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0u;
     const bool mine = t < a.T && lane >= kb && lane < K;
     const int j = t * pt + lane - kb;
     if (kCluster) {
@@ -572,15 +620,19 @@ __device__ __forceinline__ void route_token_per_warp(const in_t* __restrict__ lo
       __syncthreads();
     }
     ROUTE_TRACE(2);
-    // Range of all keys: token t2's largest is its first pool entry, its smallest its last.
-    unsigned long long lo = ~0ull, hi = 0ull;
-    for (int t2 = lane; t2 < a.T; t2 += 32) {
-      hi = max(hi, alloc_key(pool[t2 * pt], static_cast<uint32_t>(t2 * pt)));
-      lo = min(lo, alloc_key(pool[t2 * pt + pt - 1], static_cast<uint32_t>(t2 * pt + pt - 1)));
+    if (by_rank) {
+      if (t < a.T) n = kb + warp_keep_by_rank(pool, N, a.extra, t * pt, pt, rr.key, kb);
+    } else {
+      // Range of all keys: token t2's largest is its first pool entry, its smallest its last.
+      unsigned long long lo = ~0ull, hi = 0ull;
+      for (int t2 = lane; t2 < a.T; t2 += 32) {
+        hi = max(hi, alloc_key(pool[t2 * pt], static_cast<uint32_t>(t2 * pt)));
+        lo = min(lo, alloc_key(pool[t2 * pt + pt - 1], static_cast<uint32_t>(t2 * pt + pt - 1)));
+      }
+      warp_key_range(lo, hi);
+      const AllocCut cut = block_alloc_cut(pool, N, a.extra, hist, lo, hi);
+      n = kb + __popc(__ballot_sync(0xffffffffu, mine && alloc_key(rr.key, static_cast<uint32_t>(j)) >= cut.thr));
     }
-    warp_key_range(lo, hi);
-    const AllocCut cut = block_alloc_cut(pool, N, a.extra, hist, lo, hi);
-    n = kb + __popc(__ballot_sync(0xffffffffu, mine && alloc_key(rr.key, static_cast<uint32_t>(j)) >= cut.thr));
     ROUTE_TRACE(3);
   }
   if (t < a.T) finalize_token_regs(t, n, rr, a, weights, ids);
