@@ -12,7 +12,9 @@
 // - Alloc-T: the pool entry j = (token t, rank r >= k_base) in (token, rank) order gets the
 //   64-bit key (ordered_bits(c) << 32) | ~j, unique, and larger means "kept first" (ties to the
 //   lower token, then the lower rank). Keeping the `extra` largest keys is keeping every key
-//   >= the extra-th largest one, which a radix select finds (block_alloc_cut).
+//   >= the extra-th largest one, which a radix select finds (block_alloc_cut), or keeping every
+//   key with fewer than `extra` larger ones, which a warp counts for its own token
+//   (warp_keep_by_rank, the warp path's small pools).
 #pragma once
 
 #include <cstdint>
@@ -582,8 +584,9 @@ __device__ __forceinline__ void store_cluster_u32(uint32_t* local, uint32_t rank
 // 16-byte aligned) and the group scratch are this block's shared memory. With kCluster the
 // tokens are spread over the blocks of a thread block cluster: each block scores its own
 // tokens, writes their pool entries into every block's pool (distributed shared memory), and
-// after one cluster barrier every block finds the same cut on its own copy and writes its own
-// rows. Without a cut (budget == top_k or == k_base, or T == 1) there is no barrier at all.
+// after one cluster barrier each warp decides its own token's entries on its block's copy (by
+// rank, or with the block's radix cut past rank_cut_fits) and writes its rows. Without a cut
+// (budget == top_k or == k_base, or T == 1) there is no barrier at all.
 // Needs a.K <= 32 (a lane per rank).
 template <int V, bool kCluster, typename in_t>
 __device__ __forceinline__ void route_token_per_warp(const in_t* __restrict__ logits, const RouteArgs& a, int t,
