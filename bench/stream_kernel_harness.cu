@@ -2,7 +2,7 @@
 // torch: a kernel change is compiled here in ~10 s and measured on the GPU in ~1 s, instead of a
 // ~4 minute extension build. It prints, in one run:
 //   - ceilings: device-to-device copy, the same bulk-copy ring reading 1 GiB and the T=1 k=6 bytes
-//     with no compute, a 16-byte ld.global stream;
+//     with no compute (and 16 MB that stay in L2), a 16-byte ld.global stream;
 //   - a check of the stream kernels against the decode kernels (experts_decode.cuh) on one layer;
 //   - a per-CTA %globaltimer trace of both launches (entry, lists built, end, ...) at T=1 and 4;
 //   - CUDA-graph timings of gate_up, down and both (PDL), DeepSeek-V2-Lite shape, 8 layers of
@@ -303,6 +303,13 @@ int main(int argc, char** argv) {
     for (int stg : {4}) {
       float u4 = time_graph([&](int i) { ring_read_kernel<<<sms, kStreamThreads, StreamSmem(1, 64).total(stg), st>>>(a + (i % 8) * (nb / 8) / 4096 * 4096, small, stg, sink); }, 20);
       printf("ring read %.1f MB stages=%d: %.1f us = %.0f GB/s\n", small / 1e6, stg, u4, small / u4 / 1e3);
+    }
+    // the same ring over 16 MB that stay in L2 (the same bytes every call): whether 1 KB copies
+    // that hit L2 flow faster than HBM's rate (what a prefetch into L2 can buy)
+    {
+      const size_t l2b = (size_t)16 << 20;
+      float u6 = time_graph([&](int) { ring_read_kernel<<<sms, kStreamThreads, StreamSmem(1, 64).total(8), st>>>(a, l2b, 8, sink); }, 20);
+      printf("ring read 16 MB from L2 stages=8: %.1f us = %.0f GB/s\n", u6, l2b / u6 / 1e3);
     }
     // access patterns (no compute), ~277 MB: down-shaped units (2048 rows x 2816 B: 128 tiles of
     // 16 rows for 132 CTAs), 132 tiles, 4 KB rows, 1 KB rows (a stage is 16 contiguous KB)
