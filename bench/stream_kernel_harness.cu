@@ -5,6 +5,7 @@
 //     with no compute (and 16 MB that stay in L2), a 16-byte ld.global stream;
 //   - a check of the stream kernels against the decode kernels (experts_decode.cuh) on one layer;
 //   - a per-CTA %globaltimer trace of both launches (entry, lists built, end, ...) at T=1 and 4;
+//   - the fused moe kernel against route + both launches, and the launch cost of its shape;
 //   - CUDA-graph timings of gate_up, down and both (PDL), DeepSeek-V2-Lite shape, 8 layers of
 //     weights rotated so nothing is served from L2.
 // With the argument "mid" it runs only the mid-T part instead: the stream kernels at T = 17..64
@@ -216,6 +217,12 @@ allocmoe::cuda::RouteArgs softmax_args(int T, int E, int K, int n_total) {
 }
 
 // An L2 flush as torch.sum does it: ordinary loads, so the flushed lines stay at normal priority.
+// Launch-cost probe: a kernel that only touches its dynamic shared memory (what a call of the
+// fused kernel costs in a graph before any work: ~2.3 us a call against ~0.9 for a small kernel).
+__global__ void __launch_bounds__(kStreamThreads, 1) empty_smem_kernel(int* sink, int bytes) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  if (threadIdx.x == 0 && bytes > 0 && smem[bytes - 1] == 123) sink[0] = 1;
+}
 __global__ void normal_read_kernel(const uint4* src, size_t n, int* sink) {
   uint32_t a = 0;
   for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
@@ -777,6 +784,24 @@ int main(int argc, char** argv) {
       printf("  fused stages<=%d T=4 n_total=24: %.1f us\n", cap, time_graph([&](int i) { fused(4, 6, 24, i % L, out); }, 40));
     }
     fused_cap = 16;
+    // launch cost in a graph: an empty kernel of the fused kernel's shape (one CTA per SM, 320
+    // threads, the T=1 shared memory), plain and cooperative, and the fused kernel launched plain
+    {
+      const size_t sm1 = stream_one_launch_smem(1, 6, H, I).total(std::min(16, stream_one_launch_smem(1, 6, H, I).fit_stages(optin)));
+      CK(cudaFuncSetAttribute(empty_smem_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+      for (int coop = 0; coop < 2; ++coop)
+        for (size_t by : {(size_t)0, sm1}) {
+          cudaLaunchAttribute attr[1]; attr[0].id = cudaLaunchAttributeCooperative; attr[0].val.cooperative = 1;
+          cudaLaunchConfig_t cfg = {}; cfg.gridDim = dim3(sms); cfg.blockDim = dim3(kStreamThreads); cfg.stream = st;
+          cfg.attrs = attr; cfg.numAttrs = coop; cfg.dynamicSmemBytes = by;
+          float u = time_graph([&](int) { CK(cudaLaunchKernelEx(&cfg, empty_smem_kernel, sink, (int)by)); }, 40);
+          printf("  launch probe: empty kernel %d CTAs x %d threads, %zu B shared, %s: %.2f us a call in a graph of 40\n",
+                 sms, kStreamThreads, by, coop ? "cooperative" : "plain", u);
+        }
+      fused_coop = false;
+      for (int nt : {6, 3}) printf("  fused plain launch T=1 n_total=%d: %.1f us a call in a graph of 40\n", nt, time_graph([&](int i) { fused(1, 6, nt, i % L, out); }, 40));
+      fused_coop = true;
+    }
     // bench-like timing: an L2 flush (read 200 MB) before each call, events around the call alone
     {
       char* fl; CK(cudaMalloc(&fl, 200 << 20)); CK(cudaMemset(fl, 1, 200 << 20));
