@@ -34,6 +34,7 @@
 #include "experts_skinny.cuh"
 #include "experts_wide.cuh"
 #include "tensor_map.h"
+using namespace allocmoe;  // mbarrier.cuh, pdl.cuh
 using namespace allocmoe::cuda_experts;
 using bf = __nv_bfloat16;
 #define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s at %d: %s\n", #x, __LINE__, cudaGetErrorString(e)); exit(1);} } while (0)

@@ -42,6 +42,7 @@
 #include <climits>
 
 #include "experts_mma.cuh"
+#include "mbarrier.cuh"
 #include "stream_ready.cuh"
 #include "trace_stamp.cuh"
 
@@ -178,42 +179,9 @@ __host__ __device__ inline StreamSmem stream_down_smem(int T, int K, int I) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// mbarrier and bulk-copy primitives (sm_90; empty bodies when compiled for older targets, which
-// the host never launches this path on).
+// Bulk-copy primitives (sm_90; empty bodies when compiled for older targets, which the host never
+// launches this path on). The mbarrier primitives are in mbarrier.cuh.
 // ---------------------------------------------------------------------------------------------
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t count) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count));
-#endif
-}
-__device__ __forceinline__ void mbar_init_fence() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-#endif
-}
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
-#endif
-}
-// Waits until the phase of parity `parity` has completed.
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  uint32_t done = 0;
-  do {
-    asm volatile(
-        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(bar), "r"(parity)
-        : "memory");
-  } while (!done);
-#endif
-}
 // L2 policies of the bulk copies: weights are read exactly once (evict them first, keep x / act
 // / y resident); act rows copied into the stages are read again for every tile (normal).
 __device__ __forceinline__ uint64_t l2_policy(bool evict_first) {

@@ -21,6 +21,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "mbarrier.cuh"
 #include "pdl.cuh"
 #include "trace_stamp.cuh"
 
@@ -544,18 +545,11 @@ __device__ __forceinline__ void finalize_rows_warp(int t_begin, int t_end, const
 }
 
 // ---- thread block clusters and programmatic dependent launch (sm_90; never run below) --------
-// The cluster barrier is split: arrive (release or relaxed) then wait (acquire). All threads of
-// every block of the cluster take part; `.aligned` needs the warp converged.
+// The cluster barrier is split: arrive (relaxed) then wait (acquire). All threads of every block
+// of the cluster take part; `.aligned` needs the warp converged.
 __device__ __forceinline__ void cluster_arrive_relaxed() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
-#else
-  __trap();
-#endif
-}
-__device__ __forceinline__ void cluster_arrive_release() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
 #else
   __trap();
 #endif
@@ -567,38 +561,36 @@ __device__ __forceinline__ void cluster_wait() {
   __trap();
 #endif
 }
-// Stores v at the address of `local` (this block's shared memory) in block `rank` of the cluster.
-__device__ __forceinline__ void store_cluster_u32(uint32_t* local, uint32_t rank, uint32_t v) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(local));
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(remote) : "r"(a), "r"(rank));
-  asm volatile("st.shared::cluster.u32 [%0], %1;\n" ::"r"(remote), "r"(v) : "memory");
-#else
-  __trap();
-#endif
-}
 // ---- one warp per token: the fast path for small T --------------------------------------------
 // Token t of the calling warp (t >= a.T: the warp only takes part in the barriers). The pool
 // (ordered c of every token's ranks >= k_base, [a.T * (K - k_base)]), the histograms (3 x 256,
 // 16-byte aligned) and the group scratch are this block's shared memory. With kCluster the
 // tokens are spread over the blocks of a thread block cluster: each block scores its own
-// tokens, writes their pool entries into every block's pool (distributed shared memory), and
-// after one cluster barrier each warp decides its own token's entries on its block's copy (by
-// rank, or with the block's radix cut past rank_cut_fits) and writes its rows. Without a cut
-// (budget == top_k or == k_base, or T == 1) there is no barrier at all.
+// tokens and stores their pool entries into every block's pool (distributed shared memory,
+// st.async), each store completing its 4 bytes on the destination block's mbarrier `xbar`; a
+// block waits for its own N * 4 bytes only (no second cluster barrier), then each warp decides
+// its own token's entries on its block's copy (by rank, or with the block's radix cut past
+// rank_cut_fits) and writes its rows. Without a cut (budget == top_k or == k_base, or T == 1)
+// there is no barrier at all. `xbar`: an 8-byte-aligned shared word (kCluster only).
 // Needs a.K <= 32 (a lane per rank).
 template <int V, bool kCluster, typename in_t>
 __device__ __forceinline__ void route_token_per_warp(const in_t* __restrict__ logits, const RouteArgs& a, int t,
                                                      uint32_t* hist, uint32_t* pool, uint32_t* gscratch,
-                                                     int32_t* ids, float* weights) {
+                                                     int32_t* ids, float* weights, uint64_t* xbar = nullptr) {
   const int lane = threadIdx.x & 31;
   const int K = a.K, kb = a.k_base, pt = a.K - a.k_base;
   const int N = a.T * pt;
   const int mode = alloc_cut_mode(a.extra, N);
   const bool cut_needed = mode == 2 && a.T > 1;
   ROUTE_TRACE(0);
-  if (kCluster && cut_needed) cluster_arrive_relaxed();  // "this block has started", waited on below
+  const uint32_t bar = kCluster ? static_cast<uint32_t>(__cvta_generic_to_shared(xbar)) : 0u;
+  if (kCluster && cut_needed) {
+    if (threadIdx.x == 0) {
+      mbar_init(bar, 1);
+      mbar_init_fence();
+    }
+    cluster_arrive_relaxed();  // "this block has started and its xbar is set", waited on below
+  }
   RankRegs rr{0u, -1, 0.0f};
   if (t < a.T) rr = score_token_regs<V>(logits, t, a, gscratch);
   ROUTE_TRACE(1);
@@ -611,13 +603,18 @@ __device__ __forceinline__ void route_token_per_warp(const in_t* __restrict__ lo
     const bool mine = t < a.T && lane >= kb && lane < K;
     const int j = t * pt + lane - kb;
     if (kCluster) {
-      cluster_wait();  // every block of the cluster runs: its shared memory may be written
+      cluster_wait();  // every block of the cluster runs and has set its xbar: it may be written
+      // Remote stores may land before this (the phase cannot complete before this arrival).
+      if (threadIdx.x == 0) mbar_arrive_expect_tx(bar, static_cast<uint32_t>(N) * 4u);
       if (mine) {
         const uint32_t nblocks = gridDim.x;  // the grid is one cluster
-        for (uint32_t b = 0; b < nblocks; ++b) store_cluster_u32(pool + j, b, rr.key);
+        const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(pool + j));
+        for (uint32_t b = 0; b < nblocks; ++b) st_async_cluster_u32(dst, bar, b, rr.key);
       }
-      cluster_arrive_release();
-      cluster_wait();
+      // All N entries are here once their bytes are. A block never leaves before that, so no
+      // store reaches a block that has left.
+      mbar_wait<true>(bar, 0);
+      if (!by_rank) __syncthreads();  // the zeroed histogram, before the radix cut counts into it
     } else {
       if (mine) pool[j] = rr.key;
       __syncthreads();
@@ -654,8 +651,10 @@ __device__ __forceinline__ void route_token_per_warp(const in_t* __restrict__ lo
 __host__ __device__ inline int warp_path_warps_per_block(int T, bool clusters) {
   return T <= 16 || !clusters ? T : T <= 64 ? 8 : (T + 7) / 8;
 }
+// Shared words: histograms (3 x 256), the exchange's mbarrier (4 words, for alignment), the pool,
+// the group scratch.
 __host__ __device__ inline int warp_path_smem_words(const RouteArgs& a, int nwarps) {
-  return 3 * 256 + ((a.T * (a.K - a.k_base) + 3) & ~3) + (a.n_group > 1 ? nwarps * route_scratch_words(a.E, a.n_group) : 0);
+  return 3 * 256 + 4 + ((a.T * (a.K - a.k_base) + 3) & ~3) + (a.n_group > 1 ? nwarps * route_scratch_words(a.E, a.n_group) : 0);
 }
 
 template <int V, bool kCluster, typename in_t>
@@ -667,9 +666,10 @@ __global__ void __launch_bounds__(1024) route_warp_kernel(const in_t* __restrict
   allow_next_grid();
   uint32_t* smem = reinterpret_cast<uint32_t*>(smem4);
   const int warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  uint32_t* pool = smem + 3 * 256;
+  uint64_t* xbar = reinterpret_cast<uint64_t*>(smem + 3 * 256);
+  uint32_t* pool = smem + 3 * 256 + 4;
   uint32_t* gscratch = pool + ((a.T * (a.K - a.k_base) + 3) & ~3) + warp * route_scratch_words(a.E, a.n_group);
-  route_token_per_warp<V, kCluster>(logits, a, blockIdx.x * nwarps + warp, smem, pool, gscratch, ids, weights);
+  route_token_per_warp<V, kCluster>(logits, a, blockIdx.x * nwarps + warp, smem, pool, gscratch, ids, weights, xbar);
 }
 
 // ---- the whole route for one block ---------------------------------------------------------
