@@ -643,11 +643,14 @@ __device__ __forceinline__ void route_token_per_warp(const in_t* __restrict__ lo
 // Shared memory: warp_path_smem_words. Launched alone (kCluster = false) or as one cluster.
 //
 // Warps per block: one block up to 16 tokens (and below sm_90, which has no clusters), then a
-// cluster of blocks of 8 warps up to 64 tokens, then 8 blocks of more warps. One block's pool
-// exchange is a block barrier where a cluster's costs ~0.8 us more; past 16 tokens, scoring on
-// one SM costs more than the cluster saves (bench/route_kernel_harness.cu on H100, a call in a
-// graph, top-6 of 64, budgets 2 to 4.5: T = 16 one block of 16 warps 3.98-4.20 us, a cluster of
-// 2 x 8 4.25-4.42; T = 32 one block 6.0-6.2, a cluster of 4 x 8 4.5).
+// cluster of blocks of 8 warps up to 64 tokens, then 8 blocks of more warps. Past 16 tokens,
+// scoring on one SM costs more than the cluster's exchange (bench/route_kernel_harness.cu on
+// H100, a call in a graph, top-6 of 64, budgets 2 to 4.5: T = 32 one block 6.0-6.2 us, a cluster
+// of 4 x 8 4.5 before the st.async exchange, 3.03-3.06 with it). At T = 16 a cluster of 8 x 2
+// routes faster alone (2.80 vs 3.01 us with a cut) but the layer bench was not faster with it
+// (bench/results/route_cluster_shape_h100_2026-11-24_session14.txt); a likely cause: the experts
+// op's first grid takes all of an SM's shared memory, so it starts late on every SM that holds
+// a route block.
 __host__ __device__ inline int warp_path_warps_per_block(int T, bool clusters) {
   return T <= 16 || !clusters ? T : T <= 64 ? 8 : (T + 7) / 8;
 }
