@@ -210,6 +210,7 @@ __global__ void __launch_bounds__(kStreamThreads) route_only_kernel(const float*
   extern __shared__ __align__(16) uint32_t scratch[];
   __shared__ int sids[kStreamMoeMaxSlots];
   __shared__ float sw[kStreamMoeMaxSlots];
+  allocmoe::allow_next_grid();  // as the route op's kernels: the gate_up grid may get resident now
   allocmoe::cuda::route_block(logits, a, scratch, sids, sw);
   for (int i = threadIdx.x; i < a.T * a.K; i += blockDim.x) { ids[i] = sids[i]; w[i] = sw[i]; }
 }

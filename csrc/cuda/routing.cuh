@@ -647,10 +647,8 @@ __device__ __forceinline__ void route_token_per_warp(const in_t* __restrict__ lo
 // scoring on one SM costs more than the cluster's exchange (bench/route_kernel_harness.cu on
 // H100, a call in a graph, top-6 of 64, budgets 2 to 4.5: T = 32 one block 6.0-6.2 us, a cluster
 // of 4 x 8 4.5 before the st.async exchange, 3.03-3.06 with it). At T = 16 a cluster of 8 x 2
-// routes faster alone (2.80 vs 3.01 us with a cut) but the layer bench was not faster with it
-// (bench/results/route_cluster_shape_h100_2026-11-24_session14.txt); a likely cause: the experts
-// op's first grid takes all of an SM's shared memory, so it starts late on every SM that holds
-// a route block.
+// routes faster alone (2.80 vs 3.01 us with a cut) but the layer bench showed no gain with it
+// (bench/results/route_cluster_shape_h100_2026-11-24_session14.txt; docs/KERNELS.md, session 14).
 __host__ __device__ inline int warp_path_warps_per_block(int T, bool clusters) {
   return T <= 16 || !clusters ? T : T <= 64 ? 8 : (T + 7) / 8;
 }
