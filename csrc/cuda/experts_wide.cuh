@@ -190,19 +190,10 @@ __device__ __forceinline__ void wide_consume_item(float (&acc)[kMaxNT][4], const
 // stored; a down item's operand warp acquires the counter at gate_up blocks x consumer warps.
 __device__ __forceinline__ void wide_tile_release(int* counter) {
   __syncwarp();  // the warp's act stores, ordered before lane 0's release (cumulative at gpu scope)
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
-  if ((threadIdx.x & 31) == 0) asm volatile("red.release.gpu.global.add.u32 [%0], 1;\n" ::"l"(counter) : "memory");
-#endif
+  if ((threadIdx.x & 31) == 0) red_add_gpu(counter, 1, true);
 }
 __device__ __forceinline__ void wide_tile_acquire(const int* counter, int target) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
-  for (;;) {  // every lane acquires: its own cp.async reads of act come after
-    int v;
-    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(counter) : "memory");
-    if (v >= target) break;
-    __nanosleep(64);
-  }
-#endif
+  while (ld_acquire_gpu(counter) < target) __nanosleep(64);  // every lane acquires: its own cp.async reads of act come after
 }
 
 // Both phases in ONE cooperative launch (one CTA per SM, all resident): the items are every

@@ -29,6 +29,8 @@ constexpr int kReadyWords = kReadySlots / 32;                     // confirmed-e
 __device__ unsigned long long g_stream_tickets;
 __device__ unsigned long long g_stream_ready[kReadySlots];
 
+// Counters between CTAs of one grid (these readiness counters, the wide path's tile counters):
+// an acquire load and a release (or relaxed) add at gpu scope, 64 or 32 bits.
 __device__ __forceinline__ unsigned long long ld_acquire_gpu(const unsigned long long* p) {
   unsigned long long v = 0;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
@@ -36,10 +38,23 @@ __device__ __forceinline__ unsigned long long ld_acquire_gpu(const unsigned long
 #endif
   return v;
 }
+__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
+  int v = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+#endif
+  return v;
+}
 __device__ __forceinline__ void red_add_gpu(unsigned long long* p, unsigned long long v, bool release) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
   if (release) asm volatile("red.release.gpu.global.add.u64 [%0], %1;\n" ::"l"(p), "l"(v) : "memory");
   else asm volatile("red.relaxed.gpu.global.add.u64 [%0], %1;\n" ::"l"(p), "l"(v) : "memory");
+#endif
+}
+__device__ __forceinline__ void red_add_gpu(int* p, int v, bool release) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 700
+  if (release) asm volatile("red.release.gpu.global.add.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+  else asm volatile("red.relaxed.gpu.global.add.u32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
 #endif
 }
 // The CTA's own hand-overs go through mbarriers (what compute-sanitizer's racecheck can follow):
