@@ -271,6 +271,22 @@ def test_stream_repeated_ids_take_several_passes(monkeypatch):
     assert torch.isfinite(out).all() and rel_err(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize("T,K", [(1, 8), (4, 8), (5, 6), (11, 3)])
+def test_stream_lists_on_both_sides_of_one_warp(T, K, monkeypatch):
+    """Up to 32 slots every warp of the stream kernels builds the expert lists itself
+    (build_stream_lists_warp); from 33 on the whole block does. Both sides of that line, with an
+    id repeated in a row, holes, and ids >= E or < -1, which are skipped like -1."""
+    x, gu, dn, w, ids, _, _ = make_inputs(T, 60, K, 256, 192, torch.bfloat16, seed=40 + T * K)
+    ids[:, 1] = ids[:, 0]
+    ok = ids.clone()
+    ok[:, K - 1] = -1
+    bad = ids.clone()
+    bad[:, K - 1] = torch.where(torch.arange(T) % 2 == 0, 60, -7).to(torch.int32)
+    ref = run_cpu((x, gu, dn, w, ok, None, None))
+    out = run_cuda((x, gu, dn, w, bad, None, None), path="stream", monkeypatch=monkeypatch)
+    assert torch.isfinite(out).all() and rel_err(out, ref) < 1e-2
+
+
 def needs_sm90():
     if torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("the path needs sm_90")
