@@ -274,6 +274,17 @@ __device__ __forceinline__ StreamLists build_stream_lists_pairwise(const int* __
   return L;
 }
 
+// Inclusive prefix sum of v over the 32 lanes of a warp (every lane calls it).
+__device__ __forceinline__ int warp_inclusive_sum(int v) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int d = 1; d < 32; d <<= 1) {
+    const int o = __shfl_up_sync(0xffffffffu, v, d);
+    if (lane >= d) v += o;
+  }
+  return v;
+}
+
 // Past one slot per thread: every phase is parallel over slots or experts except one warp's walk
 // over the slots, 32 at a time, that numbers the used experts in order of first appearance.
 // scratch: 4 * E ints.
@@ -320,12 +331,7 @@ __device__ __forceinline__ StreamLists build_stream_lists_counted(const int* __r
     int run = 0;
     for (int j0 = 0; j0 < nused; j0 += 32) {
       const int j = j0 + lane, n = j < nused ? count[L.used[j]] : 0;
-      int incl = n;
-#pragma unroll
-      for (int d = 1; d < 32; d <<= 1) {
-        const int o = __shfl_up_sync(0xffffffffu, incl, d);
-        if (lane >= d) incl += o;
-      }
+      const int incl = warp_inclusive_sum(n);
       if (j < nused) L.start[j] = run + incl - n;
       run += __shfl_sync(0xffffffffu, incl, 31);
     }
@@ -378,12 +384,7 @@ __device__ __forceinline__ StreamLists build_stream_lists_warp(const int* __rest
   const unsigned valids = __ballot_sync(0xffffffffu, valid);
   // Segment starts: an exclusive scan, over the first slots in slot order, of their experts' counts.
   const int count = first ? __popc(same) : 0;
-  int incl = count;
-#pragma unroll
-  for (int d = 1; d < 32; d <<= 1) {
-    const int o = __shfl_up_sync(0xffffffffu, incl, d);
-    if (lane >= d) incl += o;
-  }
+  const int incl = warp_inclusive_sum(count);
   const int seg = __shfl_sync(0xffffffffu, incl - count, f);
   if (valid) {
     const int pos = seg + __popc(same & ((1u << lane) - 1u));
