@@ -34,17 +34,10 @@
 #include "experts_skinny.cuh"
 #include "experts_wide.cuh"
 #include "tensor_map.h"
+#include "harness_util.cuh"
 using namespace allocmoe;  // mbarrier.cuh, pdl.cuh
 using namespace allocmoe::cuda_experts;
-using bf = __nv_bfloat16;
-#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s at %d: %s\n", #x, __LINE__, cudaGetErrorString(e)); exit(1);} } while (0)
 
-__global__ void fill(bf* p, size_t n, uint32_t seed) {
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-    uint32_t h = (uint32_t)i * 2654435761u ^ seed; h ^= h >> 13; h *= 0x5bd1e995u; h ^= h >> 15;
-    p[i] = __float2bfloat16(((h & 0xffff) / 65536.f - 0.5f) * 0.05f);
-  }
-}
 // pure streaming reference: each CTA bulk-copies a contiguous byte range through the same ring, no compute
 __global__ void __launch_bounds__(kStreamThreads, 1) ring_read_kernel(const char* src, size_t bytes, int stages, int* sink) {
   extern __shared__ __align__(16) unsigned char smem[];
@@ -224,33 +217,12 @@ __global__ void __launch_bounds__(kStreamThreads, 1) empty_smem_kernel(int* sink
   extern __shared__ __align__(16) unsigned char smem[];
   if (threadIdx.x == 0 && bytes > 0 && smem[bytes - 1] == 123) sink[0] = 1;
 }
-// An L2 flush as torch.sum does it: ordinary loads, so the flushed lines stay at normal priority.
-__global__ void normal_read_kernel(const uint4* src, size_t n, int* sink) {
-  uint32_t a = 0;
-  for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-    const uint4 v = src[i];
-    a ^= v.x ^ v.y ^ v.z ^ v.w;
-  }
-  if (a == 0x12345678u) sink[0] = 1;
-}
 
 // Writes %globaltimer to s[i]: brackets a call in bench-like timings (launch gap, spread, tail).
 __global__ void stamp_kernel(unsigned long long* s, int i) {
   unsigned long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   s[i] = t;
-}
-
-// Per-event min / median / max / count over the CTAs of a %globaltimer trace, in us after t0.
-static void print_trace(const std::vector<unsigned long long>& ht, unsigned long long t0, int sms,
-                        const char* const* names, std::initializer_list<int> events) {
-  for (int ev : events) {
-    std::vector<double> v;
-    for (int b = 0; b < sms; ++b) if (ht[ev * 1024 + b] != 0 && ht[ev * 1024 + b] >= t0) v.push_back((ht[ev * 1024 + b] - t0) / 1000.0);
-    std::sort(v.begin(), v.end());
-    if (v.empty()) { printf("    %-14s -\n", names[ev]); continue; }
-    printf("    %-14s %7.2f %7.2f %7.2f  %zu\n", names[ev], v.front(), v[v.size() / 2], v.back(), v.size());
-  }
 }
 
 int main(int argc, char** argv) {
@@ -283,17 +255,8 @@ int main(int argc, char** argv) {
   cudaStream_t st; CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
   cudaEvent_t e0, e1; CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
 
-  auto time_graph = [&](auto&& body, int iters) {
-    cudaGraph_t g; cudaGraphExec_t ge;
-    CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
-    for (int i = 0; i < iters; ++i) body(i);
-    CK(cudaStreamEndCapture(st, &g)); CK(cudaGraphInstantiate(&ge, g, 0));
-    CK(cudaGraphLaunch(ge, st)); CK(cudaStreamSynchronize(st));
-    std::vector<float> ts;
-    for (int r = 0; r < 7; ++r) { CK(cudaEventRecord(e0, st)); CK(cudaGraphLaunch(ge, st)); CK(cudaEventRecord(e1, st)); CK(cudaEventSynchronize(e1)); float ms; CK(cudaEventElapsedTime(&ms, e0, e1)); ts.push_back(ms * 1000.f / iters); }
-    CK(cudaGraphExecDestroy(ge)); CK(cudaGraphDestroy(g));
-    std::sort(ts.begin(), ts.end()); return ts[3];
-  };
+  auto time_graph = [&](auto&& body, int iters) { return graph_us(st, e0, e1, body, iters); };
+
   // ceilings
   {
     const size_t nb = (size_t)1 << 30; char *a, *b; CK(cudaMalloc(&a, nb)); CK(cudaMalloc(&b, nb));
@@ -808,15 +771,8 @@ int main(int argc, char** argv) {
     // bench-like timing: an L2 flush (read 200 MB) before each call, events around the call alone
     {
       char* fl; CK(cudaMalloc(&fl, 200 << 20)); CK(cudaMemset(fl, 1, 200 << 20));
-      auto evt_time = [&](auto&& call) {
-        std::vector<float> ts;
-        for (int r = 0; r < 60; ++r) {
-          normal_read_kernel<<<sms * 4, 512, 0, st>>>((const uint4*)fl, (200 << 20) / 16, sink);
-          CK(cudaEventRecord(e0, st)); call(r); CK(cudaEventRecord(e1, st));
-          CK(cudaEventSynchronize(e1)); float ms; CK(cudaEventElapsedTime(&ms, e0, e1)); if (r >= 10) ts.push_back(ms * 1000.f);
-        }
-        std::sort(ts.begin(), ts.end()); return ts[ts.size() / 2];
-      };
+      auto evt_time = [&](auto&& call) { return flushed_call_us(st, e0, e1, fl, 200 << 20, sms, sink, call, 60, 10); };
+
       for (int nt : {6, 3}) {
         fused_coop = true;
         float a = evt_time([&](int r) { fused(1, 6, nt, r % L, out); });
@@ -830,10 +786,8 @@ int main(int argc, char** argv) {
     }
     // trace of the fused kernel at T=1
     for (int nt : {6, 3}) {
-      for (int it = 0; it < 10; ++it) { CK(cudaMemsetAsync(tr, 0, 8 * 1024 * 8, st)); fused(1, 6, nt, it % L, out); }
-      CK(cudaStreamSynchronize(st));
-      std::vector<unsigned long long> ht(8 * 1024); CK(cudaMemcpy(ht.data(), tr, ht.size() * 8, cudaMemcpyDeviceToHost));
-      unsigned long long t0 = ~0ull; for (int b = 0; b < sms; ++b) if (ht[b]) t0 = std::min(t0, ht[b]);
+      unsigned long long t0;
+      const auto ht = last_trace(tr, st, sms, [&](int it) { fused(1, 6, nt, it % L, out); }, t0);
       printf("fused trace T=1 n_total=%d (us from first entry): event min / median / max / n\n", nt);
       const char* names[8] = {"entry", "lists", "x staged", "gate_up end", "routed", "-", "barrier done", "end"};
       print_trace(ht, t0, sms, names, {0, 4, 1, 2, 3, 6, 7});

@@ -13,13 +13,16 @@ for T, E, K, budget in ((1, 64, 6, 3.0), (16, 60, 4, 2.5), (64, 64, 6, 3.0), (30
 ops.route(torch.randn(20, 64, device="cuda"), 6, 3.0, scoring="sigmoid_group", n_group=8, topk_group=4,
           correction_bias=torch.rand(64, device="cuda"))
 H, I, E = 256, 128, 16
-for path, T in [(p, T) for p in ("stream", "fused", "composite") for T in (1, 3, 16)]:
-    os.environ["ALLOCMOE_MOE_PATH"] = path  # the stream kernel, the one-launch kernel, the composition
+for path, T in [(p, T) for p in ("split", "stream", "fused", "composite") for T in (1, 3, 16)]:
+    os.environ["ALLOCMOE_MOE_PATH"] = path  # the split and stream kernels, the one-launch kernel, the composition
     ops.moe(torch.randn(T, H, device="cuda").bfloat16(), torch.randn(E, H, device="cuda").bfloat16(),
             torch.randn(E, 2 * I, H, device="cuda").bfloat16(), torch.randn(E, H, I, device="cuda").bfloat16(),
             4, 2.5, shared_gate_up=torch.randn(1, 2 * I, H, device="cuda").bfloat16(),
             shared_down=torch.randn(1, H, I, device="cuda").bfloat16(),
             shared_gate=torch.randn(H, device="cuda").bfloat16())
+os.environ["ALLOCMOE_MOE_PATH"] = "split"  # router logits in; H past the last 256-row down box
+ops.moe(torch.randn(2, 288, device="cuda").bfloat16(), None, torch.randn(8, 2 * 64, 288, device="cuda").bfloat16(),
+        torch.randn(8, 288, 64, device="cuda").bfloat16(), 8, 8.0, router_logits=torch.randn(2, 8, device="cuda"))
 os.environ["ALLOCMOE_MOE_PATH"] = "stream"
 for T, K, budget in ((1, 6, 3.0), (4, 6, 24 / 4), (16, 8, 5.0)):  # router logits in; resident and double-buffered act
     ops.moe(torch.randn(T, H, device="cuda").bfloat16(), None, torch.randn(E, 2 * I, H, device="cuda").bfloat16(),

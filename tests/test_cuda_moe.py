@@ -1,6 +1,7 @@
-"""CUDA `moe` vs the CPU op, on every path: the stream kernel (sm_90, T <= 16, bf16/fp16;
-elsewhere it falls back to the composition), the older one-launch decode kernel (T <= 16) and
-the composition (router matmul + route + experts), forced through ALLOCMOE_MOE_PATH, and auto.
+"""CUDA `moe` vs the CPU op, on every path: the split kernel (sm_90, T <= 4, T*K <= 32) and the
+stream kernel (sm_90, T <= 16), both bf16/fp16 and elsewhere falling back to the composition, the
+older one-launch decode kernel (T <= 16) and the composition (router matmul + route + experts),
+forced through ALLOCMOE_MOE_PATH, and auto.
 
 Marked `cuda`; skipped without a GPU or without a CUDA build of the extension.
 """
@@ -16,7 +17,7 @@ from cuda_marks import CUDA_ONLY, poison_cache
 pytestmark = CUDA_ONLY
 
 
-@pytest.fixture(autouse=True, params=["auto", "stream", "fused", "composite"])
+@pytest.fixture(autouse=True, params=["auto", "split", "stream", "fused", "composite"])
 def moe_path(request, monkeypatch):
     """Every test runs on every path of the CUDA moe op (csrc/cuda/moe_decode.cu)."""
     monkeypatch.setenv("ALLOCMOE_MOE_PATH", request.param)
@@ -165,6 +166,34 @@ def test_auto_takes_stream_kernel_on_sm90(moe_path):
         torch.cuda.synchronize()
     names = " ".join(e.name for e in prof.events())
     assert "stream_moe_kernel" in names, names[:2000]
+
+
+@pytest.mark.parametrize("T,H,I,E,K,budget", [(1, 2048, 1408, 64, 6, 6.0), (1, 2048, 1408, 64, 6, 3.0),
+                                               (3, 2080, 96, 60, 4, 2.5), (4, 288, 160, 8, 8, 8.0),
+                                               (2, 256, 32, 256, 16, 9.0)])
+def test_split_kernel_shapes(moe_path, T, H, I, E, K, budget):
+    """The split kernel's edges: units that straddle experts and CTAs without units (E=8, I=32),
+    H not a multiple of the 256-row down box (2080, 288), every expert of a token used (E=8, K=8),
+    many experts per token, fp16; poisoned output; bitwise run to run."""
+    if moe_path != "split":
+        pytest.skip("split path only")
+    for dtype in (torch.bfloat16, torch.float16):
+        t = make_layer(T, H, I, E, 0, 0, dtype, seed=T * 31 + E + I)
+        g = torch.Generator().manual_seed(H)
+        logits = torch.randn(T, E, generator=g) * 2.0
+        args = (t["hidden"], None, t["gate_up"], t["down"], K, budget)
+        ref = ops.moe(*args, router_logits=logits)
+        cargs = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+        poison_cache()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            out = ops.moe(*cargs, router_logits=logits.cuda())
+            torch.cuda.synchronize()
+        assert "split_moe_kernel" in " ".join(e.name for e in prof.events())
+        again = ops.moe(*cargs, router_logits=logits.cuda())
+        torch.cuda.synchronize()
+        assert torch.isfinite(out).all()
+        assert rel_err(out.cpu(), ref) < 1e-2
+        assert torch.equal(out, again)
 
 
 def test_moe_from_logits_graph_capture_and_deterministic():

@@ -95,17 +95,6 @@ inline int wide_fit_stages(int smem_optin, int pairs) {
 #define ALLOCMOE_WIDE_DIAG 0
 #endif
 
-// Box at coordinates (c0, c1, c2) of a 3-D tensor map into shared memory, reported to bar.
-__device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2, uint32_t bar,
-                                            uint64_t policy) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile(
-      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint"
-      " [%0], [%1, {%2, %3, %4}], [%5], %6;\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar), "l"(policy)
-      : "memory");
-#endif
-}
 // One arrival on bar once every cp.async this thread issued before has landed (the barrier's
 // count includes it: .noinc).
 __device__ __forceinline__ void cp_async_arrive_noinc(uint32_t bar) {

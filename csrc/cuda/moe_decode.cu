@@ -34,6 +34,7 @@
 #include "common/env_choice.h"
 #include "cpu/moe.h"
 #include "cuda/device_info.h"
+#include "cuda/moe_split.cuh"
 #include "cuda/moe_stream.cuh"
 #include "cuda/routing.cuh"
 #include "validation.h"
@@ -499,11 +500,11 @@ bool dispatch_tokens(const MoeArgs& m, size_t smem, int nblocks, cudaStream_t st
 
 bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
-enum class MoePath { kAuto, kStream, kFused, kComposite };
+enum class MoePath { kAuto, kStream, kFused, kComposite, kSplit };
 
 // ALLOCMOE_MOE_PATH (tests force every path); choices in the order of MoePath.
 MoePath forced_moe_path() {
-  return static_cast<MoePath>(env_choice("allocmoe.moe", "ALLOCMOE_MOE_PATH", {"auto", "stream", "fused", "composite"}));
+  return static_cast<MoePath>(env_choice("allocmoe.moe", "ALLOCMOE_MOE_PATH", {"auto", "stream", "fused", "composite", "split"}));
 }
 
 // ---- the stream path (moe_stream.cuh) -----------------------------------------------------
@@ -537,15 +538,15 @@ bool stream_moe_fits(const at::Tensor& hidden, const at::Tensor& gate_up, const 
   return stages >= kStreamMinStages && route_bytes <= stages * kStreamStageBytes;
 }
 
-template <typename Elem, int NT>
-void launch_stream_moe(const StreamMoeParams& m, size_t smem, int grid, cudaStream_t stream) {
-  auto* kernel = &cuda_experts::stream_moe_kernel<Elem, NT>;
-  static bool done[64] = {};
+// One cooperative launch of a stream-style kernel (kStreamThreads per CTA, one CTA per SM): every
+// CTA resident at once, which the waits between CTAs need (captured into CUDA graphs as such).
+// smem_done: the caller's per-kernel record of the devices whose shared-memory limit is raised.
+template <typename... Params, typename... Args>
+void launch_cooperative(void (*kernel)(Params...), bool (&smem_done)[64], int grid, size_t smem, cudaStream_t stream,
+                        const Args&... args) {
   int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
-  set_smem_limit(reinterpret_cast<const void*>(kernel), device_info(dev).smem_optin, done);
-  // Cooperative: every CTA resident at once, which the readiness waits between the phases need
-  // (captured into CUDA graphs as such).
+  set_smem_limit(reinterpret_cast<const void*>(kernel), device_info(dev).smem_optin, smem_done);
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeCooperative;
   attr[0].val.cooperative = 1;
@@ -556,7 +557,13 @@ void launch_stream_moe(const StreamMoeParams& m, size_t smem, int grid, cudaStre
   cfg.stream = stream;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, m));
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
+}
+
+template <typename Elem, int NT>
+void launch_stream_moe(const StreamMoeParams& m, size_t smem, int grid, cudaStream_t stream) {
+  static bool done[64] = {};
+  launch_cooperative(&cuda_experts::stream_moe_kernel<Elem, NT>, done, grid, smem, stream, m);
 }
 
 void run_stream_moe(const at::Tensor& x, const at::Tensor& logits, const at::Tensor& gate_up, const at::Tensor& down,
@@ -575,6 +582,59 @@ void run_stream_moe(const at::Tensor& x, const at::Tensor& logits, const at::Ten
     if (bf16) launch_stream_moe<__nv_bfloat16, 2>(m, smem, d.sms, stream);
     else launch_stream_moe<__half, 2>(m, smem, d.sms, stream);
   }
+}
+
+// ---- the split path (moe_split.cuh) ------------------------------------------------------
+using cuda_experts::SplitParams;
+using cuda_experts::SplitSmem;
+
+int split_moe_stages(int64_t T, int64_t H, const DeviceInfo& d) {
+  return SplitSmem::stream(static_cast<int>(T), static_cast<int>(H)).fit_stages(d.smem_optin);
+}
+
+// sm_90 with cooperative launch, T <= 4, T*K <= 32, bf16/fp16, contiguous 16-byte aligned weights,
+// H and I multiples of 32, E <= 256, and a ring of at least kStreamMinStages that holds the
+// routing scratch.
+bool split_moe_fits(const at::Tensor& hidden, const at::Tensor& gate_up, const at::Tensor& down, int64_t T, int64_t K,
+                    int64_t E, int64_t n_group, Scoring scoring, const DeviceInfo& d) {
+  const int64_t H = hidden.size(1), I = gate_up.size(1) / 2;
+  using namespace cuda_experts;
+  if (d.major < 9 || !d.coop || T > kSplitMaxTokens || T * K > kSplitMaxSlots || E > kMaxExpertsCuda) return false;
+  if (!(hidden.scalar_type() == at::kBFloat16 || hidden.scalar_type() == at::kHalf)) return false;
+  if (!gate_up.is_contiguous() || !down.is_contiguous() || !aligned16(gate_up) || !aligned16(down)) return false;
+  if (H % 32 != 0 || I % 32 != 0 || H > 65536 || I > 65536 || E * 2 * I * H >= (int64_t(1) << 62)) return false;
+  const int stages = split_moe_stages(T, H, d);
+  const int groups = is_group_scoring(scoring) ? static_cast<int>(n_group) : 1;
+  const int route_bytes = 4 * route_block_scratch_words(static_cast<int>(T), static_cast<int>(E), static_cast<int>(K),
+                                                        groups, kStreamThreads / 32);
+  return stages >= kStreamMinStages && route_bytes <= stages * kStreamStageBytes;
+}
+
+// False (nothing launched) when the driver cannot encode the down tensor's map.
+template <typename Elem>
+bool launch_split_moe(const SplitParams& sp, const at::Tensor& down, int grid, cudaStream_t stream) {
+  const StreamParams& p = sp.e;
+  CUtensorMap map;
+  // L2 promotion of 64 bytes, the box row: measured on H100 (bench/decode_seq.py, T=1, six experts,
+  // an earlier version of the kernel) 256-byte promotion took 56.3 us, none 50.7, 64 bytes 46.1.
+  if (!encode_weight_map(&map, down.data_ptr(), p.E, p.H, p.I, cuda_experts::kSplitRows, cuda_experts::kSplitBoxRows,
+                         false, 64))
+    return false;
+  static bool done[64] = {};
+  launch_cooperative(&cuda_experts::split_moe_kernel<Elem>, done, grid, SplitSmem::stream(p.T, p.H).total(p.stages),
+                     stream, sp, map);
+  return true;
+}
+
+bool run_split_moe(const at::Tensor& x, const at::Tensor& logits, const at::Tensor& gate_up, const at::Tensor& down,
+                   const RouteArgs& r, at::Tensor& out, const DeviceInfo& d, cudaStream_t stream) {
+  const int T = x.size(0), H = x.size(1), E = gate_up.size(0), I = gate_up.size(1) / 2, K = r.K;
+  at::Tensor partial = at::empty({(int64_t)d.sms, T, H}, x.options().dtype(at::kFloat));
+  const SplitParams sp{StreamParams{x.data_ptr(), gate_up.data_ptr(), down.data_ptr(), nullptr, nullptr, nullptr,
+                                    out.data_ptr(), T, K, E, H, I, split_moe_stages(T, H, d)},
+                       logits.data_ptr<float>(), r, partial.data_ptr<float>()};
+  return x.scalar_type() == at::kBFloat16 ? launch_split_moe<__nv_bfloat16>(sp, down, d.sms, stream)
+                                          : launch_split_moe<__half>(sp, down, d.sms, stream);
 }
 
 }  // namespace
@@ -614,13 +674,19 @@ at::Tensor moe_cuda(const at::Tensor& hidden, const std::optional<at::Tensor>& r
   const at::Tensor bias = correction_bias.has_value() ? correction_bias->contiguous() : at::Tensor();
   const MoePath path = forced_moe_path();
 
-  // sm_90: the stream kernel (routing in every CTA, then the experts op's stream phases), or
-  // the composition where it cannot run.
-  // Auto takes it where all act rows stay in shared memory (T*K <= 32); beyond, the composition's
-  // two-launch experts op is faster (see use_one_stream_launch in experts.cu).
-  if (path == MoePath::kStream || (path == MoePath::kAuto && info.major >= 9)) {
-    if (!stream_moe_fits(hidden, gate_up, down, T, top_k, E, n_group, scoring, info)) return composite();
-    if (path == MoePath::kAuto && cuda_experts::stream_down_staged(static_cast<int>(T), static_cast<int>(top_k)))
+  // sm_90: the stream kernel (routing in every CTA, then the experts op's stream phases), the split
+  // kernel when forced (moe_split.cuh: T <= 4, T*K <= 32), or the composition where they cannot run.
+  // Auto takes the stream kernel where all act rows stay in shared memory (T*K <= 32); beyond, the
+  // composition's two-launch experts op is faster (see use_one_stream_launch in experts.cu). Not
+  // the split kernel: on H100 (bench/split_kernel_harness.cu, DeepSeek-V2-Lite, T=1, a CUDA graph
+  // of calls) it is 1.3 us slower at six experts (42.0 vs 40.7 us), 0.8 faster at three (24.2 vs
+  // 25.0), and 5-8% slower at T=2..4.
+  const bool split = path == MoePath::kSplit;
+  if (split || path == MoePath::kStream || (path == MoePath::kAuto && info.major >= 9)) {
+    if (split ? !split_moe_fits(hidden, gate_up, down, T, top_k, E, n_group, scoring, info)
+              : !stream_moe_fits(hidden, gate_up, down, T, top_k, E, n_group, scoring, info))
+      return composite();
+    if (!split && path == MoePath::kAuto && cuda_experts::stream_down_staged(static_cast<int>(T), static_cast<int>(top_k)))
       return composite();
     const at::Tensor logits = moe_logits(hidden, router_weight, router_logits);
     if (validation_enabled()) {
@@ -633,7 +699,12 @@ at::Tensor moe_cuda(const at::Tensor& hidden, const std::optional<at::Tensor>& r
     at::Tensor out = at::empty({T, H}, hidden.options());
     at::Tensor x = hidden.contiguous();
     if (!aligned16(x)) x = x.clone();  // the kernel reads x with 16-byte loads
-    run_stream_moe(x, logits, gate_up, down, r, out, info, c10::cuda::getCurrentCUDAStream());
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    if (split) {
+      if (!run_split_moe(x, logits, gate_up, down, r, out, info, stream)) return composite();
+    } else {
+      run_stream_moe(x, logits, gate_up, down, r, out, info, stream);
+    }
     return moe_add_shared(hidden, out, shared_gate_up, shared_down, shared_gate);
   }
   // The one-launch kernel computes the router GEMV itself.
