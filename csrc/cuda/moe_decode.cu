@@ -519,23 +519,34 @@ int stream_moe_stages(int64_t T, int64_t K, int64_t H, int64_t I, const DeviceIn
   return lay.fit_stages(d.smem_optin);
 }
 
-// The experts op's stream preconditions (bf16/fp16, contiguous 16-byte aligned weights, H and I
-// multiples of 32, T <= 16, T*K <= 256), sm_90 with cooperative launch, E <= 256, and room in
-// the ring for the routing scratch.
-bool stream_moe_fits(const at::Tensor& hidden, const at::Tensor& gate_up, const at::Tensor& down, int64_t T,
-                     int64_t K, int64_t E, int64_t n_group, Scoring scoring, const DeviceInfo& d) {
+// What the stream and split kernels share: sm_90 with cooperative launch, bf16/fp16, contiguous
+// 16-byte aligned weights, H and I multiples of 32, E <= 256, and a ring of at least
+// kStreamMinStages stages (stages_of(H, I): what the kernel's shared memory holds, asked once the
+// sizes are known to be in range) with room for the routing scratch (every CTA routes before the
+// weights flow).
+template <typename StagesOf>
+bool ring_moe_fits(const at::Tensor& hidden, const at::Tensor& gate_up, const at::Tensor& down, int64_t T, int64_t K,
+                   int64_t E, int64_t n_group, Scoring scoring, const DeviceInfo& d, StagesOf stages_of) {
   const int64_t H = hidden.size(1), I = gate_up.size(1) / 2;
   using namespace cuda_experts;
-  if (d.major < 9 || !d.coop || T > kStreamMoeMaxTokens || T * K > kStreamMoeMaxSlots || E > kMaxExpertsCuda || K > 32)
-    return false;
+  if (d.major < 9 || !d.coop || E > kMaxExpertsCuda || K > 32) return false;
   if (!(hidden.scalar_type() == at::kBFloat16 || hidden.scalar_type() == at::kHalf)) return false;
   if (!gate_up.is_contiguous() || !down.is_contiguous() || !aligned16(gate_up) || !aligned16(down)) return false;
   if (H % 32 != 0 || I % 32 != 0 || H > 65536 || I > 65536 || E * 2 * I * H >= (int64_t(1) << 62)) return false;
-  const int stages = stream_moe_stages(T, K, H, I, d);
+  const int stages = stages_of(H, I);
   const int groups = is_group_scoring(scoring) ? static_cast<int>(n_group) : 1;
   const int route_bytes = 4 * route_block_scratch_words(static_cast<int>(T), static_cast<int>(E), static_cast<int>(K),
                                                         groups, kStreamThreads / 32);
   return stages >= kStreamMinStages && route_bytes <= stages * kStreamStageBytes;
+}
+
+// The stream kernel: T <= 16, T*K <= 256, and what ring_moe_fits checks.
+bool stream_moe_fits(const at::Tensor& hidden, const at::Tensor& gate_up, const at::Tensor& down, int64_t T,
+                     int64_t K, int64_t E, int64_t n_group, Scoring scoring, const DeviceInfo& d) {
+  using namespace cuda_experts;
+  if (T > kStreamMoeMaxTokens || T * K > kStreamMoeMaxSlots) return false;
+  return ring_moe_fits(hidden, gate_up, down, T, K, E, n_group, scoring, d,
+                       [&](int64_t H, int64_t I) { return stream_moe_stages(T, K, H, I, d); });
 }
 
 // One cooperative launch of a stream-style kernel (kStreamThreads per CTA, one CTA per SM): every
@@ -592,22 +603,13 @@ int split_moe_stages(int64_t T, int64_t H, const DeviceInfo& d) {
   return SplitSmem::stream(static_cast<int>(T), static_cast<int>(H)).fit_stages(d.smem_optin);
 }
 
-// sm_90 with cooperative launch, T <= 4, T*K <= 32, bf16/fp16, contiguous 16-byte aligned weights,
-// H and I multiples of 32, E <= 256, and a ring of at least kStreamMinStages that holds the
-// routing scratch.
+// The split kernel: T <= 4, T*K <= 32, and what ring_moe_fits checks.
 bool split_moe_fits(const at::Tensor& hidden, const at::Tensor& gate_up, const at::Tensor& down, int64_t T, int64_t K,
                     int64_t E, int64_t n_group, Scoring scoring, const DeviceInfo& d) {
-  const int64_t H = hidden.size(1), I = gate_up.size(1) / 2;
   using namespace cuda_experts;
-  if (d.major < 9 || !d.coop || T > kSplitMaxTokens || T * K > kSplitMaxSlots || E > kMaxExpertsCuda) return false;
-  if (!(hidden.scalar_type() == at::kBFloat16 || hidden.scalar_type() == at::kHalf)) return false;
-  if (!gate_up.is_contiguous() || !down.is_contiguous() || !aligned16(gate_up) || !aligned16(down)) return false;
-  if (H % 32 != 0 || I % 32 != 0 || H > 65536 || I > 65536 || E * 2 * I * H >= (int64_t(1) << 62)) return false;
-  const int stages = split_moe_stages(T, H, d);
-  const int groups = is_group_scoring(scoring) ? static_cast<int>(n_group) : 1;
-  const int route_bytes = 4 * route_block_scratch_words(static_cast<int>(T), static_cast<int>(E), static_cast<int>(K),
-                                                        groups, kStreamThreads / 32);
-  return stages >= kStreamMinStages && route_bytes <= stages * kStreamStageBytes;
+  if (T > kSplitMaxTokens || T * K > kSplitMaxSlots) return false;
+  return ring_moe_fits(hidden, gate_up, down, T, K, E, n_group, scoring, d,
+                       [&](int64_t H, int64_t) { return split_moe_stages(T, H, d); });
 }
 
 // False (nothing launched) when the driver cannot encode the down tensor's map.
