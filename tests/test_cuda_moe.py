@@ -172,9 +172,9 @@ def test_auto_takes_stream_kernel_on_sm90(moe_path):
                                                (3, 2080, 96, 60, 4, 2.5), (4, 288, 160, 8, 8, 8.0),
                                                (2, 256, 32, 256, 16, 9.0)])
 def test_split_kernel_shapes(moe_path, T, H, I, E, K, budget):
-    """The split kernel's edges: units that straddle experts and CTAs without units (E=8, I=32),
-    H not a multiple of the 256-row down box (2080, 288), every expert of a token used (E=8, K=8),
-    many experts per token, fp16; poisoned output; bitwise run to run."""
+    """The split kernel's edges: CTAs without units (E=8 top-8: 40 units; I=32: one unit per
+    expert), H not a multiple of the 256-row down box (2080, 288), every expert of a token used
+    (E=8, K=8), many experts per token (top-16), fp16; poisoned output; bitwise run to run."""
     if moe_path != "split":
         pytest.skip("split path only")
     for dtype in (torch.bfloat16, torch.float16):
