@@ -40,7 +40,11 @@ static_assert(kSplitBoxRows == kStreamConsumers, "a consumer thread per row of a
 static_assert(kSplitRows * kSplitBoxRows * 2 <= kStreamStageBytes, "a down box fits a stage");
 static_assert(kSplitRows % 16 == 0, "whole gate_up items (8 rows) and 32-byte down box rows");
 
-__device__ unsigned long long g_split_tickets;  // the end barrier's tickets (stream_ready.cuh's scheme)
+// The end barrier's tickets (stream_ready.cuh's scheme: never reset, every launch adds exactly
+// kTicketsPerLaunch). Safe across launches on other streams: the launch is cooperative and the ring
+// fills each CTA's SM, so a later launch gets an SM only when a CTA of this one leaves, which it does
+// only after every CTA of this one has taken its ticket.
+__device__ unsigned long long g_split_tickets;
 
 struct SplitParams {
   StreamParams e;         // x, gate_up, out, T, K, E, H, I, stages (ids, weights: routed here)
