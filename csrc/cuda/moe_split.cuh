@@ -70,11 +70,8 @@ struct SplitSmem {
 // H100, T=1: contiguous ranges per CTA read the gate and up rows as fast, ~2.85 TB/s; 16-row units
 // read them faster but the 32-byte down box rows slower: 43.1 against 42.3 us at six experts.)
 struct SplitRange {
-  int n, per_expert;
+  int n, per_expert;  // units, units per expert
   __device__ __forceinline__ SplitRange(int nused, int I) : n(nused * (I / kSplitRows)), per_expert(I / kSplitRows) {}
-  __device__ __forceinline__ int begin() const { return blockIdx.x; }
-  __device__ __forceinline__ int end() const { return n; }
-  __device__ __forceinline__ static int step() { return gridDim.x; }
   __device__ __forceinline__ int expert(int u) const { return u / per_expert; }
   __device__ __forceinline__ int row0(int u) const { return (u % per_expert) * kSplitRows; }
 };
@@ -107,7 +104,7 @@ __device__ __forceinline__ void produce_split(const StreamParams& p, const Strea
     __syncwarp();
     pos.next(prod.stages);
   };
-  for (int u = R.begin(); u < R.end(); u += R.step()) {
+  for (int u = blockIdx.x; u < R.n; u += gridDim.x) {
     gate_up(u);
     for (int h0 = 0; h0 < H; h0 += kSplitBoxRows) box(u, h0);
   }
@@ -179,7 +176,7 @@ __device__ __forceinline__ void consume_split(const StreamParams& p, const float
         acc[(L.list[s0 + pl] / K) * H + h] += d;
       }
   };
-  for (int u = R.begin(); u < R.end(); u += R.step()) {
+  for (int u = blockIdx.x; u < R.n; u += gridDim.x) {
     gate_up(u);  // writes act only past a consumer barrier, so after every thread's last box of u - G
     for (int h0 = 0; h0 < H; h0 += kSplitBoxRows) box(u, h0);
   }
