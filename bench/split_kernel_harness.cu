@@ -2,7 +2,9 @@
 // against the stream moe kernel (moe_stream.cuh: same routing, another summation order, so a
 // relative difference, not bitwise), then times both on the DeepSeek-V2-Lite shape (8 layers of
 // weights rotated so nothing is served from L2): calls in a CUDA graph, single calls after an L2
-// flush (events), and a per-CTA %globaltimer trace of the split kernel at T=1.
+// flush (events), and a per-CTA %globaltimer trace of the split kernel at T=1. Built with
+// -DALLOCMOE_STREAM_WAITS it also prints the cycles each CTA's producer waits on empty stages and
+// its consumers on full ones, for both kernels (the counters slow them: read their timings apart).
 //   nvcc -std=c++20 -O3 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
 //        -I csrc/cuda -o split_kernel_harness bench/split_kernel_harness.cu
 #define ALLOCMOE_STREAM_TRACE
@@ -91,12 +93,32 @@ int main() {
            T, K, nt, sqrt(num / den), nan, gs, gf, fs, ff);
     CK(cudaFree(o1)); CK(cudaFree(o2));
   }
-  const char* names[8] = {"entry", "lists", "-", "-", "routed", "units done", "barrier done", "end"};
+  const char* names[8] = {"entry", "lists", "unit 1 gu done", "unit 1 done", "routed", "units done", "barrier done", "end"};
+#ifdef ALLOCMOE_STREAM_WAITS
+  unsigned long long* wt; CK(cudaGetSymbolAddress(reinterpret_cast<void**>(&wt), g_stream_wait));
+  int khz = 0; CK(cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, 0));
+  // Ring waits of one call (after ten), us at the reported clock: min / median / max over the CTAs.
+  const auto waits = [&](const char* what, auto&& run) {
+    for (int it = 0; it < 10; ++it) run(it);
+    CK(cudaMemsetAsync(wt, 0, 2 * 1024 * 8, st)); run(3); CK(cudaStreamSynchronize(st));
+    std::vector<unsigned long long> hw(2 * 1024); CK(cudaMemcpy(hw.data(), wt, hw.size() * 8, cudaMemcpyDeviceToHost));
+    for (int who = 0; who < 2; ++who) {
+      std::vector<double> v(hw.begin() + who * 1024, hw.begin() + who * 1024 + sms);
+      std::sort(v.begin(), v.end());
+      printf("    %s: %s waits %.2f / %.2f / %.2f us\n", what, who ? "consumers on full stages" : "producer on empty stages",
+             v.front() / khz * 1e3, v[sms / 2] / khz * 1e3, v.back() / khz * 1e3);
+    }
+  };
+#else
+  const auto waits = [](const char*, auto&&) {};
+#endif
   for (int nt : {6, 3}) {
     unsigned long long t0;
     const auto ht = last_trace(tr, st, sms, [&](int it) { split(1, 6, nt, it % L, out); }, t0);
     printf("split trace T=1 n_total=%d (us from first entry): event min / median / max\n", nt);
-    print_trace(ht, t0, sms, names, {0, 4, 1, 5, 6, 7});
+    print_trace(ht, t0, sms, names, {0, 4, 1, 2, 3, 5, 6, 7});
+    waits("split", [&](int it) { split(1, 6, nt, it % L, out); });
+    waits("stream", [&](int it) { stream(1, 6, nt, it % L, out); });
   }
   printf("done\n");
 }

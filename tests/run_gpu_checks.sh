@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On a GPU machine, from the repository root: build the CUDA variant of the extension, run the
 # CUDA tests, time the kernels, run compute-sanitizer memcheck + racecheck on the small drivers,
-# build and run the torch-free stream/wide and split kernel harnesses, and compare the experts paths past 16
-# tokens in the layer bench. Logs go to $OUT (or ./gpu_logs).
+# build and run the torch-free stream/wide, split and read-floor harnesses, and compare the experts paths
+# past 16 tokens in the layer bench. Logs go to $OUT (or ./gpu_logs).
 # Usage: bash tests/run_gpu_checks.sh [build|test|time|sanitize|harness|paths|all]...
 # ("all" is build, test, time, sanitize; harness and paths are asked for by name.)
 set -uo pipefail
@@ -45,6 +45,9 @@ if want harness; then  # the build line of the harness's header; "wide": copy pr
   nvcc -std=c++20 -O3 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a -I "$OLDPWD/csrc/cuda" \
     -o /tmp/split_kernel_harness "$OLDPWD/bench/split_kernel_harness.cu" >"$OUT/split_harness_build.log" 2>&1 || rc=1
   /tmp/split_kernel_harness 2>&1 | tee "$OUT/split_harness.txt" || rc=1
+  nvcc -std=c++20 -O3 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a -I "$OLDPWD/csrc/cuda" \
+    -o /tmp/read_floor_harness "$OLDPWD/bench/read_floor_harness.cu" >"$OUT/read_floor_build.log" 2>&1 || rc=1
+  /tmp/read_floor_harness 2>&1 | tee "$OUT/read_floor.txt" || rc=1
 fi
 if want paths; then  # the layer bench, ours only, with each experts path forced past 16 tokens
   for path in wide skinny stream; do

@@ -92,7 +92,21 @@ __device__ unsigned long long g_stream_trace[8 * 1024];  // an array, not a poin
 #else
 #define STREAM_TRACE(ev) ((void)0)
 #endif
-
+#ifdef ALLOCMOE_STREAM_WAITS
+// SM cycles a CTA spends waiting on the ring: [0] the weight warp's lane 0 on empty stages, [1]
+// consumer thread 0 on full ones (a stream fed by memory: the consumers wait; fed too slowly by the
+// consumers: the producer waits).
+__device__ unsigned long long g_stream_wait[2 * 1024];
+#define STREAM_WAIT(who, bar, parity)                                                              \
+  do {                                                                                             \
+    const long long w0_ = clock64();                                                               \
+    mbar_wait(bar, parity);                                                                        \
+    if (threadIdx.x == ((who) == 0 ? kStreamWeightWarp * 32 : 0))                                  \
+      g_stream_wait[(who) * 1024 + blockIdx.x] += clock64() - w0_;                                 \
+  } while (0)
+#else
+#define STREAM_WAIT(who, bar, parity) mbar_wait(bar, parity)
+#endif
 
 struct StreamParams {
   const void* x;         // hidden [T, H]
@@ -425,7 +439,7 @@ struct Producer {
     for (int pass = 0; pass < passes; ++pass)
       for (int k0 = 0; k0 < kdim; k0 += kStreamChunk) {
         const uint32_t bytes = static_cast<uint32_t>(min(kStreamChunk, kdim - k0)) * 2u;
-        mbar_wait(empty0 + 8 * pos.stage, pos.phase ^ 1u);
+        STREAM_WAIT(0, empty0 + 8 * pos.stage, pos.phase ^ 1u);
         if (lane == 0) {
           mbar_arrive_expect_tx(full0 + 8 * pos.stage, bytes * kStreamRows);
           if (extra_arrivals) mbar_arrive(full0 + 8 * pos.stage);
@@ -487,7 +501,7 @@ __device__ __forceinline__ void consume_pass(float (&acc)[NT][4], const T* const
         }
       }
     }
-    mbar_wait(full0 + 8 * pos.stage, pos.phase);
+    STREAM_WAIT(1, full0 + 8 * pos.stage, pos.phase);
     const unsigned char* st = ring + pos.stage * stage_bytes;
     if (kStaged) {  // rows past npass hold older data: read row 0 there (its columns are dropped)
 #pragma unroll

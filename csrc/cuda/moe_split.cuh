@@ -95,7 +95,7 @@ __device__ __forceinline__ void produce_split(const StreamParams& p, const Strea
   };
   RingPos& pos = prod.pos;
   const auto box = [&](int u, int h0) {
-    mbar_wait(prod.empty0 + 8 * pos.stage, pos.phase ^ 1u);
+    STREAM_WAIT(0, prod.empty0 + 8 * pos.stage, pos.phase ^ 1u);
     if (lane == 0) {
       mbar_arrive_expect_tx(prod.full0 + 8 * pos.stage, kSplitRows * kSplitBoxRows * 2);
       tma_load_3d(prod.ring + pos.stage * prod.stage_bytes, down_map, R.row0(u), h0, L.used[R.expert(u)],
@@ -151,7 +151,7 @@ __device__ __forceinline__ void consume_split(const StreamParams& p, const float
   const auto piece_of = [tid](int q) { return ((tid >> 1) + q) % kSplitPieces; };
   const auto box = [&](int u, int h0) {
     const int j = R.expert(u), s0 = L.start[j], npairs = L.start[j + 1] - s0, h = h0 + tid;
-    mbar_wait(sh.full0 + 8 * pos.stage, pos.phase);
+    STREAM_WAIT(1, sh.full0 + 8 * pos.stage, pos.phase);
     const unsigned char* row = sh.ring_ptr + pos.stage * sh.stage_bytes + tid * (kSplitRows * 2);
     float w[kSplitPieces][8];  // w[q][i]: column piece_of(q) * 8 + i
 #pragma unroll
@@ -178,7 +178,9 @@ __device__ __forceinline__ void consume_split(const StreamParams& p, const float
   };
   for (int u = blockIdx.x; u < R.n; u += gridDim.x) {
     gate_up(u);  // writes act only past a consumer barrier, so after every thread's last box of u - G
+    if (u == blockIdx.x) STREAM_TRACE(2);
     for (int h0 = 0; h0 < H; h0 += kSplitBoxRows) box(u, h0);
+    if (u == blockIdx.x) STREAM_TRACE(3);
   }
 }
 
