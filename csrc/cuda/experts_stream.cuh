@@ -92,10 +92,12 @@ __device__ unsigned long long g_stream_trace[8 * 1024];  // an array, not a poin
 #else
 #define STREAM_TRACE(ev) ((void)0)
 #endif
+
 #ifdef ALLOCMOE_STREAM_WAITS
-// SM cycles a CTA spends waiting on the ring: [0] the weight warp's lane 0 on empty stages, [1]
-// consumer thread 0 on full ones (a stream fed by memory: the consumers wait; fed too slowly by the
-// consumers: the producer waits).
+// Harness only as well (bench/split_kernel_harness.cu built with -DALLOCMOE_STREAM_WAITS): SM cycles
+// a CTA spends waiting on the ring, [0] the weight warp's lane 0 on empty stages, [1] consumer
+// thread 0 on full ones (a stream fed by memory: the consumers wait; fed too slowly by the
+// consumers: the producer waits). The counting slows the kernel a little.
 __device__ unsigned long long g_stream_wait[2 * 1024];
 #define STREAM_WAIT(who, bar, parity)                                                              \
   do {                                                                                             \
