@@ -6,15 +6,17 @@
 //   - flushed single call: a 200 MB read, then events around one call (bench_layer.py's method);
 //   - graph: 16 calls in one CUDA graph over 8 layers whose selected experts differ (decode_seq.py's
 //     method: the launch of a call overlaps the previous call's tail; nothing is found in L2).
-// Readers (one column each): 16-byte loads (ld.global.nc, eight in flight per thread, four CTAs per
-// SM), and the fused kernels' copy engine (one CTA per SM, a ring of 16 KB stages, see read_ring)
-// filled five ways: 16 KB bulk copies, the stream ring's 16 x 1 KB row pieces, tensor-map boxes, the
-// split moe kernel's unit order, and that order with its k-slices rotated per CTA; the best of all
-// these readers is "the pure read". The last column,
-// "routed", finds its experts from the router logits first as cheaply as a routed kernel can (load
-// them, n rounds of a warp arg-max, no softmax) and then reads like the 16 KB reader: the least a
-// kernel that routes pays before any compute or combine. DeepSeek-V2-Lite expert shape (H=2048,
-// I=1408, bf16: 17.3 MB an expert), n = 1..8 experts drawn at random out of 64 per layer.
+// Three readers, each one CTA per SM feeding a ring of shared memory with the copy engine as the
+// fused kernels do: "read" (16 KB bulk copies of the bytes in order, the pure read), "split order"
+// (the split moe kernel's units, as moe_split.cuh walks them), and "routed" (finds its experts from
+// the router logits first as cheaply as a routed kernel can: load them, n rounds of a warp arg-max,
+// no softmax; then reads like "read"): the least a kernel that routes pays before any compute or
+// combine. Other ways to read (the ring fed with 1 KB pieces or tensor-map boxes, plain 16-byte
+// loads) are compared in stream_kernel_harness.cu ("wide" and its ceilings); on these bytes the ring
+// fillings came within 0.2 us of each other and the loads up to 1.2 us slower (docs/KERNELS.md,
+// session 17).
+// DeepSeek-V2-Lite expert shape (H=2048, I=1408, bf16: 17.3 MB an expert), n = 1..8 experts drawn
+// at random out of 64 per layer.
 //   nvcc -std=c++20 -O3 --expt-relaxed-constexpr -gencode=arch=compute_90a,code=sm_90a \
 //        -I csrc/cuda -o read_floor_harness bench/read_floor_harness.cu
 #include <cuda_runtime.h>
@@ -30,7 +32,6 @@ using namespace allocmoe;
 using namespace allocmoe::cuda_experts;
 
 constexpr int kMaxExperts = 8;
-constexpr int kLoadsInFlight = 8;
 constexpr int kChunk = 16384;     // bytes of a bulk copy
 constexpr int kRingStages = 12;   // 192 KB of shared memory a CTA
 
@@ -48,50 +49,20 @@ struct ReadSet {
   }
 };
 
-__device__ __forceinline__ uint4 load_stream16(const uint4* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
-
-// Grid-stride 16-byte loads, kLoadsInFlight independent ones per thread per round.
-__global__ void __launch_bounds__(256) read_lsu(const ReadSet s, int* sink) {
-  const unsigned total = s.n * (s.gu16 + s.dn16), stride = gridDim.x * blockDim.x;
-  uint32_t acc = 0;
-  for (unsigned v0 = blockIdx.x * blockDim.x + threadIdx.x; v0 < total; v0 += kLoadsInFlight * stride) {
-    uint4 w[kLoadsInFlight];
-#pragma unroll
-    for (int k = 0; k < kLoadsInFlight; ++k) {
-      const unsigned v = v0 + k * stride;
-      w[k] = v < total ? load_stream16(s.at(v)) : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int k = 0; k < kLoadsInFlight; ++k) acc ^= w[k].x ^ w[k].y ^ w[k].z ^ w[k].w;
-  }
-  if (acc == 0x9e3779b9u) sink[0] = 1;  // keeps the loads; practically never true
-}
-
-// The copy engine of one CTA per SM: a ring of kRingStages stages of kChunk bytes, each filled by
-// one warp (the oldest stage waited for before it is filled again), in one of these orders:
-//   kContiguous: 16 KB chunks of consecutive bytes dealt round robin, one bulk copy a stage;
-//   kRows:       64 KB items (16 rows of 4 KB) dealt round robin, an item as four stages of 16 bulk
-//                copies of 1 KB, k-slice after k-slice (the stream ring's stage);
-//   kBoxes:      the same items, a stage as two tensor-map boxes of 16 rows x 256 elements;
-//   kUnits:      the split moe kernel's order (moe_split.cuh): units of (expert, 32 intermediate
-//                rows) dealt round robin; per unit four groups of 8 gate + 8 up rows, each as four
-//                stages of 16 x 1 KB, then the unit's down columns as 8 boxes of 256 rows x 64 bytes;
-//   kUnitsRot:   the same, the k-slices of a group taken from (blockIdx.x mod 4) on;
-//   kRouted:     kContiguous after finding the experts the least a routed kernel must: the 64 logits
-//                read (from memory after a flush), n rounds of a warp arg-max on them (no softmax).
-enum Mode { kContiguous, kRows, kBoxes, kUnits, kUnitsRot, kRouted };
-struct Maps {  // per selected expert: gate_up and down as rows of 2048 elements, down as [H, I]
-  CUtensorMap gu[kMaxExperts], dn[kMaxExperts], dn_cols[kMaxExperts];
-};
+// One CTA per SM: a ring of kRingStages stages of kChunk bytes, each filled by one warp (the
+// oldest stage waited for before it is filled again), in one of these orders:
+//   kRead:    16 KB chunks of the bytes in order dealt round robin, one bulk copy a stage;
+//   kSplit:   the split moe kernel's order (moe_split.cuh): units of (expert, 32 intermediate rows)
+//             dealt round robin; per unit four groups of 8 gate + 8 up rows, each as four stages of
+//             16 x 1 KB, then the unit's down columns as 8 boxes of 256 rows x 64 bytes;
+//   kRouted:  kRead after finding the experts the least a routed kernel must: the 64 logits read
+//             (from memory after a flush), n rounds of a warp arg-max on them.
+enum Mode { kRead, kSplit, kRouted };
 constexpr int kUnitRows = 32, kH = 2048, kI = 1408;
+struct DownMaps { CUtensorMap cols[kMaxExperts]; };  // kSplit: each selected expert's down [H, I], 32 x 256 boxes
 
 template <Mode M>
-__global__ void __launch_bounds__(32) read_ring(const ReadSet s_in, const __grid_constant__ Maps maps) {
+__global__ void __launch_bounds__(32) read_ring(const ReadSet s_in, const __grid_constant__ DownMaps maps) {
   extern __shared__ __align__(128) unsigned char ring[];
   __shared__ __align__(8) uint64_t full[kRingStages];
   const int lane = threadIdx.x;
@@ -124,36 +95,22 @@ __global__ void __launch_bounds__(32) read_ring(const ReadSet s_in, const __grid
     fill(smem_addr(ring + st * kChunk), smem_addr(full + st));
     ++k;
   };
-  if constexpr (M == kUnits || M == kUnitsRot) {
-    const int per = kI / kUnitRows, rot = M == kUnitsRot ? blockIdx.x % 4 : 0;
+  if constexpr (M == kSplit) {
+    const int per = kI / kUnitRows;
     for (unsigned u = blockIdx.x; u < s.n * per; u += gridDim.x) {
       const int j = u / per, row0 = (u % per) * kUnitRows;
       for (int r = row0; r < row0 + kUnitRows; r += 8)
-        for (int q0 = 0; q0 < 4; ++q0)
+        for (int q = 0; q < 4; ++q)
           stage([&](uint32_t dst, uint32_t bar) {
-            const int q = (q0 + rot) % 4, row = lane < 8 ? r + lane : kI + r + lane - 8;
+            const int row = lane < 8 ? r + lane : kI + r + lane - 8;
             if (lane < 16) bulk_copy(dst + lane * 1024, s.gu[j] + row * 256 + q * 64, 1024, bar, policy);
           });
       for (int h0 = 0; h0 < kH; h0 += 256)
-        stage([&](uint32_t dst, uint32_t bar) { if (lane == 0) tma_load_3d(dst, &maps.dn_cols[j], row0, h0, 0, bar, policy); });
+        stage([&](uint32_t dst, uint32_t bar) { if (lane == 0) tma_load_3d(dst, &maps.cols[j], row0, h0, 0, bar, policy); });
     }
-  } else if constexpr (M == kContiguous || M == kRouted) {
+  } else {
     for (unsigned c = blockIdx.x; c < nchunks; c += gridDim.x)
       stage([&](uint32_t dst, uint32_t bar) { if (lane == 0) bulk_copy(dst, s.at(c * per16), kChunk, bar, policy); });
-  } else {
-    const unsigned item16 = 4 * per16;  // 64 KB: 16 rows of 4 KB
-    for (unsigned it = blockIdx.x; it < nchunks / 4; it += gridDim.x)
-      for (int q = 0; q < 4; ++q)  // the item's 1 KB k-slices
-        stage([&](uint32_t dst, uint32_t bar) {
-          if constexpr (M == kRows) {
-            if (lane < 16) bulk_copy(dst + lane * 1024, s.at(it * item16 + lane * 256 + q * 64), 1024, bar, policy);
-          } else if (lane < 2) {
-            const unsigned v = it * item16, ngu = s.n * s.gu16;
-            const bool g = v < ngu;
-            const unsigned r = g ? v / s.gu16 : (v - ngu) / s.dn16, row = (g ? v % s.gu16 : (v - ngu) % s.dn16) / 256;
-            tma_load_3d(dst + lane * 8192, g ? &maps.gu[r] : &maps.dn[r], q * 512 + lane * 256, row, 0, bar, policy);
-          }
-        });
   }
   if (lane == 0)
     for (int j = std::max(0, k - kRingStages); j < k; ++j) mbar_wait(smem_addr(full + j % kRingStages), (j / kRingStages) & 1);
@@ -199,22 +156,17 @@ int main() {
     }
     return s;
   };
-  // Tensor maps over each layer's selected regions, as rows of 2048 elements (4 KB).
-  std::vector<Maps> maps(L);
+  std::vector<DownMaps> maps(L);
   for (int l = 0; l < L; ++l)
     for (int j = 0; j < kMaxExperts; ++j)
-      if (!cuda::encode_weight_map(&maps[l].gu[j], gu[l] + (size_t)pick[l][j] * 2 * I * H, 1, 2 * I * H / 2048, 2048, 256, 16) ||
-          !cuda::encode_weight_map(&maps[l].dn[j], dn[l] + (size_t)pick[l][j] * H * I, 1, H * I / 2048, 2048, 256, 16) ||
-          !cuda::encode_weight_map(&maps[l].dn_cols[j], dn[l] + (size_t)pick[l][j] * H * I, 1, H, I, kUnitRows, 256, false, 64)) {
+      if (!cuda::encode_weight_map(&maps[l].cols[j], dn[l] + (size_t)pick[l][j] * H * I, 1, H, I, kUnitRows, 256, false, 64)) {
         printf("encode failed\n");
         return 1;
       }
   int* sink; CK(cudaMalloc(&sink, 4));
-  // Readers: 0 the loads, 1.. the rings in the order of Mode.
-  using RingKernel = void (*)(const ReadSet, const Maps);
-  const RingKernel rings[] = {read_ring<kContiguous>, read_ring<kRows>, read_ring<kBoxes>,
-                              read_ring<kUnits>, read_ring<kUnitsRot>, read_ring<kRouted>};
-  for (auto fn : rings) CK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, kRingStages * kChunk));
+  using Reader = void (*)(const ReadSet, const DownMaps);
+  const Reader readers[] = {read_ring<kRead>, read_ring<kSplit>, read_ring<kRouted>};  // in the order of Mode
+  for (auto fn : readers) CK(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, kRingStages * kChunk));
   cudaStream_t st; CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
   cudaEvent_t e0, e1; CK(cudaEventCreate(&e0)); CK(cudaEventCreate(&e1));
 
@@ -233,17 +185,13 @@ int main() {
 
   char* fl; CK(cudaMalloc(&fl, 200 << 20)); CK(cudaMemset(fl, 1, 200 << 20));
   auto flushed_us = [&](auto&& call) { return flushed_call_us(st, e0, e1, fl, 200 << 20, sms, sink, call, 40, 8); };
-  constexpr int kReaders = 7, kRoutedReader = 1 + kRouted;
-  const char* names[kReaders] = {"ld", "bulk 16K", "bulk 16x1K", "boxes", "split units", "units, k rotated", "routed 16K"};
-  const auto read = [&](int reader, int l, int n) {
-    const ReadSet s = set_of(l, n);
-    if (reader == 0) read_lsu<<<4 * sms, 256, 0, st>>>(s, sink);
-    else rings[reader - 1]<<<sms, 32, kRingStages * kChunk, st>>>(s, maps[l]);
+  const auto read = [&](int mode, int l, int n) {
+    readers[mode]<<<sms, 32, kRingStages * kChunk, st>>>(set_of(l, n), maps[l]);
     CK(cudaGetLastError());
   };
   for (int l = 0; l < L; ++l) {  // the routed reader finds the experts the others are given
     std::vector<int> hp(kMaxExperts);
-    read(kRoutedReader, l, kMaxExperts);
+    read(kRouted, l, kMaxExperts);
     CK(cudaMemcpyAsync(hp.data(), picked, kMaxExperts * 4, cudaMemcpyDeviceToHost, st)); CK(cudaStreamSynchronize(st));
     for (int j = 0; j < kMaxExperts; ++j)
       if (hp[j] != pick[l][j]) { printf("routed reader picked expert %d, not %d\n", hp[j], pick[l][j]); return 1; }
@@ -252,38 +200,29 @@ int main() {
   const float eg = graph_us(st, e0, e1, [&](int) { empty_kernel<<<sms, 32, 0, st>>>(); }, 16);
   printf("copy bandwidth %.0f GB/s (1 GiB device to device, bytes read + written); empty kernel: flushed single %.2f us, "
          "graph %.2f us a call\n\n", copy_bw / 1e9, ef, eg);
-  printf("us a call, flushed single / graph, per reader (x the floor = bytes / copy bandwidth for the best)\n");
-  printf("| experts | MB | floor |");
-  for (auto nm : names) printf(" %s |", nm);
-  printf(" best flushed | best graph |\n|---|---|---|");
-  for (int i = 0; i < kReaders + 2; ++i) printf("---|");
-  printf("\n");
-  float best_f[kMaxExperts + 1] = {}, best_g[kMaxExperts + 1] = {}, floor_us[kMaxExperts + 1] = {};
-  float routed_f[kMaxExperts + 1] = {}, routed_g[kMaxExperts + 1] = {};
+  printf("us a call, flushed single / graph of 16 (x the floor = bytes / copy bandwidth)\n");
+  printf("| experts | MB | floor | read | split order | routed |\n|---|---|---|---|---|---|\n");
+  float f[3][kMaxExperts + 1] = {}, g[3][kMaxExperts + 1] = {}, floor_us[kMaxExperts + 1] = {};
   for (int n : {1, 2, 3, 4, 6, 8}) {
     const double bytes = (double)n * (gu16 + dn16) * 16;
     floor_us[n] = static_cast<float>(bytes / copy_bw * 1e6);
-    best_f[n] = best_g[n] = 1e30f;
     printf("| %d | %.1f | %.1f |", n, bytes / 1e6, floor_us[n]);
-    for (int rd = 0; rd < kReaders; ++rd) {
-      const float f = flushed_us([&](int r) { read(rd, r % L, n); });
-      const float g = graph_us(st, e0, e1, [&](int i) { read(rd, i % L, n); }, 16);
-      if (rd == kRoutedReader) routed_f[n] = f, routed_g[n] = g;
-      else best_f[n] = std::min(best_f[n], f), best_g[n] = std::min(best_g[n], g);
-      printf(" %.1f / %.1f |", f, g);
+    for (int m = 0; m < 3; ++m) {
+      f[m][n] = flushed_us([&](int r) { read(m, r % L, n); });
+      g[m][n] = graph_us(st, e0, e1, [&](int i) { read(m, i % L, n); }, 16);
+      printf(" %.1f (%.3fx) / %.1f (%.3fx) |", f[m][n], f[m][n] / floor_us[n], g[m][n], g[m][n] / floor_us[n]);
     }
-    printf(" %.1f (%.3fx) | %.1f (%.3fx) |\n", best_f[n], best_f[n] / floor_us[n], best_g[n], best_g[n] / floor_us[n]);
+    printf("\n");
   }
   CK(cudaStreamSynchronize(st)); CK(cudaGetLastError());
-  printf("\nissue 4's T=1 bars (factor x floor) against a pure read of the same bytes (best reader, routed excluded) and\n"
-         "the routed read (its experts found from the logits first):\n");
+  printf("\nissue 4's T=1 bars (factor x floor) against the pure read and the routed read of the same bytes:\n");
   const float bars[][2] = {{6, 1.15f}, {3, 1.25f}};
   for (auto& b : bars) {
     const int n = static_cast<int>(b[0]);
     const float bar = b[1] * floor_us[n];
-    printf("  %d experts: bar %.1f us (%.2fx); pure read flushed %.1f us (%+.1f), graph %.1f (%+.1f); routed read flushed "
-           "%.1f (%+.1f), graph %.1f (%+.1f)\n", n, bar, b[1], best_f[n], best_f[n] - bar, best_g[n], best_g[n] - bar,
-           routed_f[n], routed_f[n] - bar, routed_g[n], routed_g[n] - bar);
+    printf("  %d experts: bar %.1f us (%.2fx); read flushed %.1f us (%+.1f), graph %.1f (%+.1f); routed read flushed "
+           "%.1f (%+.1f), graph %.1f (%+.1f)\n", n, bar, b[1], f[kRead][n], f[kRead][n] - bar, g[kRead][n],
+           g[kRead][n] - bar, f[kRouted][n], f[kRouted][n] - bar, g[kRouted][n], g[kRouted][n] - bar);
   }
   printf("done\n");
 }
